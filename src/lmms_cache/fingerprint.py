@@ -1,0 +1,368 @@
+"""Canonical, content-based fingerprints of request values.
+
+A value is turned into a canonical byte stream (every item carries a type tag and a
+length, so concatenations are unambiguous) and hashed with xxh3-128. Equal content gives
+equal bytes whatever the object identity, dict order, memory layout or device; anything
+that could change what a model sees gives different bytes.
+
+Rules, pinned by the golden tests (changing one is a key-format version bump):
+
+* ``None``, ``bool`` (``True`` is not ``1``), ``int``; a ``float`` equal to an integer
+  hashes as that integer (``temperature: 0`` and ``0.0`` are the same setting), other
+  floats by their exact round-trip ``repr``; ``str`` as UTF-8; ``bytes`` as they are.
+* ``list`` and ``tuple`` are both sequences; ``dict`` keys are sorted by their canonical
+  bytes, so insertion order never matters; sets likewise.
+* PIL images by mode, size, palette and pixels; numpy arrays and torch tensors by dtype,
+  shape and values (C order; device, strides and ``requires_grad`` do not count).
+* In a *media* position (a visual, a message's media part), a string or ``Path`` naming
+  an existing regular file is hashed by the file's content (and suffix), not its name.
+* Callables by a stable code identity: module, qualified name, bytecode, constants,
+  defaults, closure values and ``functools.partial`` arguments. Never ``repr`` or ``id``.
+* Anything else raises :class:`Unfingerprintable`; the proxy then lets that request
+  bypass the cache rather than guess.
+
+Large buffers (images, arrays, files) are hashed on their own, at memory speed, and only
+their 16-byte digest joins the stream, so nothing big is ever copied.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import math
+import os
+import stat
+import sys
+import types
+from collections.abc import Callable, Mapping, Set
+from pathlib import PurePath
+from typing import Any
+
+import xxhash
+
+__all__ = ["Encoder", "FileDigests", "Unfingerprintable", "digest", "digest_bytes"]
+
+_FILE_CHUNK = 1 << 22  # 4 MiB reads keep a 20 MB video at memory speed without a copy of it
+
+
+class Unfingerprintable(TypeError):
+    """A value whose content cannot be fingerprinted safely."""
+
+
+def digest_bytes(data: bytes | bytearray | memoryview) -> bytes:
+    """Return the 16-byte xxh3-128 digest of a buffer."""
+    return xxhash.xxh3_128_digest(data)
+
+
+class FileDigests:
+    """Content digests of files, memoized by (path, size, mtime_ns, ctime_ns, inode, device).
+
+    ``lookup``/``remember`` let a store persist the memo across processes; by default the
+    memo lives in this object only.
+    """
+
+    def __init__(
+        self,
+        lookup: Callable[[str, tuple[int, ...]], bytes | None] | None = None,
+        remember: Callable[[str, tuple[int, ...], bytes], None] | None = None,
+    ) -> None:
+        self._memo: dict[tuple[str, tuple[int, ...]], bytes] = {}
+        self._lookup = lookup
+        self._remember = remember
+
+    def get(self, path: str) -> bytes | None:
+        """Digest of the regular file at ``path``, or None if it is not one."""
+        try:
+            st = os.stat(path)
+        except (OSError, ValueError):
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        path = os.path.abspath(path)
+        sig = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+        found = self._memo.get((path, sig))
+        if found is None and self._lookup is not None:
+            found = self._lookup(path, sig)
+        if found is None:
+            found = _hash_file(path)
+            if self._remember is not None:
+                self._remember(path, sig, found)
+        self._memo[(path, sig)] = found
+        return found
+
+
+def _hash_file(path: str) -> bytes:
+    h = xxhash.xxh3_128()
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(_FILE_CHUNK)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.digest()
+
+
+class Encoder:
+    """Builds the canonical byte stream of values; ``digest()`` hashes it.
+
+    Args:
+        files: where file-content digests come from (memoized); a private one by default.
+
+    Example:
+        >>> Encoder().digest({"b": 1, "a": 0.0}) == Encoder().digest({"a": 0, "b": 1.0})
+        True
+        >>> Encoder().digest(1) == Encoder().digest(True)
+        False
+    """
+
+    def __init__(self, files: FileDigests | None = None) -> None:
+        self.files = files if files is not None else FileDigests()
+
+    def digest(self, value: Any, *, media: bool = False) -> bytes:
+        """The 16-byte digest of ``value``; ``media`` hashes file paths by content."""
+        return digest_bytes(self.encode(value, media=media))
+
+    def encode(self, value: Any, *, media: bool = False) -> bytes:
+        """The canonical bytes of ``value``."""
+        out = bytearray()
+        self._put(out, value, media)
+        return bytes(out)
+
+    def write(self, out: bytearray, value: Any, *, media: bool = False) -> None:
+        """Append the canonical bytes of ``value`` to ``out``."""
+        self._put(out, value, media)
+
+    # The dispatch order matters: bool before int, str before sequences, and exact
+    # types first because they are by far the most common (a text request is only these).
+    def _put(self, out: bytearray, v: Any, media: bool) -> None:
+        t = type(v)
+        if t is str:
+            if media:
+                d = self._file(v)
+                if d is not None:
+                    out += d
+                    return
+            b = v.encode("utf-8", "surrogatepass")
+            out += b"s%d:" % len(b)
+            out += b
+        elif t is int:
+            out += b"i%d;" % v
+        elif t is bool:
+            out += b"T" if v else b"F"
+        elif v is None:
+            out += b"N"
+        elif t is float:
+            _put_float(out, v)
+        elif t is dict or isinstance(v, Mapping):
+            # A chat message's text part is text even inside media: "cat.jpg" as a question
+            # must not be keyed by the content of a file that happens to have that name.
+            self._put_mapping(out, v, media and v.get("type") != "text")
+        elif t is list or t is tuple:
+            out += b"l%d:" % len(v)
+            for item in v:
+                self._put(out, item, media)
+        else:
+            self._put_other(out, v, media)
+
+    def _put_mapping(self, out: bytearray, v: Mapping[Any, Any], media: bool) -> None:
+        items = []
+        for k, item in v.items():
+            kb = bytearray()
+            self._put(kb, k, False)
+            items.append((bytes(kb), item))
+        items.sort(key=lambda kv: kv[0])
+        out += b"d%d:" % len(items)
+        for kb, item in items:
+            out += kb
+            self._put(out, item, media)
+
+    def _put_other(self, out: bytearray, v: Any, media: bool) -> None:
+        if isinstance(v, bool):
+            out += b"T" if v else b"F"
+        elif isinstance(v, enum.Enum):
+            out += b"E"
+            self._put(out, _qualified(type(v)), False)
+            self._put(out, v.value, media)
+        elif isinstance(v, int):
+            out += b"i%d;" % v
+        elif isinstance(v, float):
+            _put_float(out, v)
+        elif isinstance(v, str):
+            self._put(out, str(v), media)
+        elif isinstance(v, (bytes, bytearray, memoryview)):
+            data = memoryview(v).cast("B") if isinstance(v, memoryview) else v
+            out += b"b%d:" % len(data)
+            out += digest_bytes(data)
+        elif isinstance(v, PurePath):
+            self._put(out, os.fspath(v), media)
+        elif isinstance(v, (list, tuple)):
+            out += b"l%d:" % len(v)
+            for item in v:
+                self._put(out, item, media)
+        elif isinstance(v, (Set, frozenset)):
+            encoded = sorted(self.encode(item, media=media) for item in v)
+            out += b"S%d:" % len(encoded)
+            for e in encoded:
+                out += e
+        elif _is_pil_image(v):
+            out += b"I"
+            out += _image_digest(v)
+        elif _is_numpy_array(v):
+            out += b"A"
+            out += _array_digest(v)
+        elif _is_torch_tensor(v):
+            out += b"A"
+            out += _tensor_digest(v)
+        elif _is_numpy_scalar(v):
+            self._put(out, v.item(), media)
+        elif dataclasses.is_dataclass(v) and not isinstance(v, type):
+            out += b"C"
+            self._put(out, _qualified(type(v)), False)
+            fields = {f.name: getattr(v, f.name) for f in dataclasses.fields(v)}
+            self._put_mapping(out, fields, media)
+        elif callable(v):
+            out += b"F"
+            self._put_callable(out, v)
+        else:
+            raise Unfingerprintable(
+                f"cannot fingerprint a value of type {_qualified(type(v))}; "
+                "pass a model_id or make the request use plain values"
+            )
+
+    def _file(self, path: str) -> bytes | None:
+        # Only strings that could be paths reach the file system: a long prompt or a URL is
+        # not stat()-ed, which keeps a text request free of system calls.
+        if not path or len(path) > 4096 or "\n" in path or "://" in path:
+            return None
+        d = self.files.get(path)
+        if d is None:
+            return None
+        suffix = os.path.splitext(path)[1].lower().encode()
+        return b"P%d:%s" % (len(suffix), suffix) + d
+
+    def _put_callable(self, out: bytearray, fn: Any) -> None:
+        if isinstance(fn, functools.partial):
+            out += b"p"
+            self._put_callable(out, fn.func)
+            self._put(out, fn.args, False)
+            self._put(out, fn.keywords, False)
+        elif isinstance(fn, types.MethodType):
+            out += b"m"
+            self._put(out, _qualified(type(fn.__self__)), False)
+            self._put_callable(out, fn.__func__)
+        elif isinstance(fn, types.FunctionType):
+            out += b"f"
+            self._put(out, f"{fn.__module__}.{fn.__qualname__}", False)
+            self._put_code(out, fn.__code__)
+            self._put(out, fn.__defaults__ or (), False)
+            self._put(out, fn.__kwdefaults__ or {}, False)
+            cells = []
+            for cell in fn.__closure__ or ():
+                try:
+                    cells.append(cell.cell_contents)
+                except ValueError:  # an empty cell: a name not bound yet
+                    cells.append(None)
+            self._put(out, cells, False)
+        elif isinstance(fn, (types.BuiltinFunctionType, type)):
+            out += b"q"
+            self._put(out, f"{getattr(fn, '__module__', None)}.{fn.__qualname__}", False)
+        else:
+            raise Unfingerprintable(f"cannot fingerprint the callable {_qualified(type(fn))}")
+
+    def _put_code(self, out: bytearray, code: types.CodeType) -> None:
+        out += b"c"
+        self._put(out, code.co_code, False)
+        self._put(out, code.co_names, False)
+        consts = []
+        for c in code.co_consts:
+            if isinstance(c, types.CodeType):
+                sub = bytearray()
+                self._put_code(sub, c)
+                consts.append(bytes(sub))
+            else:
+                consts.append(c)
+        self._put(out, consts, False)
+
+
+def _put_float(out: bytearray, v: float) -> None:
+    if v.is_integer():
+        out += b"i%d;" % int(v)
+    elif math.isnan(v):
+        out += b"n"
+    else:
+        out += b"f%s;" % repr(float(v)).encode()
+
+
+def _qualified(t: type) -> str:
+    return f"{t.__module__}.{t.__qualname__}"
+
+
+def _is_pil_image(v: Any) -> bool:
+    image = sys.modules.get("PIL.Image")
+    return image is not None and isinstance(v, image.Image)
+
+
+def _is_numpy_array(v: Any) -> bool:
+    np = sys.modules.get("numpy")
+    return np is not None and isinstance(v, np.ndarray)
+
+
+def _is_numpy_scalar(v: Any) -> bool:
+    np = sys.modules.get("numpy")
+    return np is not None and isinstance(v, np.generic)
+
+
+def _is_torch_tensor(v: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(v, torch.Tensor)
+
+
+def _image_digest(img: Any) -> bytes:
+    h = xxhash.xxh3_128()
+    head = f"{img.mode}:{img.size[0]}x{img.size[1]}:".encode()
+    h.update(head)
+    if img.mode in ("P", "PA"):
+        palette = img.getpalette()
+        h.update(bytes(palette or ()))
+    h.update(img.tobytes())
+    return h.digest()
+
+
+def _array_digest(a: Any) -> bytes:
+    import numpy as np
+
+    if a.dtype.hasobject:
+        enc = Encoder()
+        h = xxhash.xxh3_128(f"O:{a.shape}:".encode())
+        for item in a.ravel(order="C"):
+            h.update(enc.digest(item.item() if hasattr(item, "item") else item))
+        return h.digest()
+    a = np.ascontiguousarray(a)
+    # dtype.str names the byte order too ("<f4"), so equal values in another byte order
+    # count as another input: a model reading raw bytes would see them differently.
+    h = xxhash.xxh3_128(f"{a.dtype.str}:{a.shape}:".encode())
+    h.update(memoryview(a).cast("B") if a.ndim else a.tobytes())
+    return h.digest()
+
+
+def _tensor_digest(t: Any) -> bytes:
+    import torch
+
+    t = t.detach()
+    if t.is_sparse:
+        t = t.to_dense()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    # Lazy conjugate/negative views would otherwise hash their unresolved storage.
+    t = t.resolve_conj().resolve_neg().contiguous()
+    h = xxhash.xxh3_128(f"{str(t.dtype).removeprefix('torch.')}:{tuple(t.shape)}:".encode())
+    if t.numel():
+        # A byte view works for every dtype, bfloat16 and the float8s included, which numpy
+        # cannot represent.
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.digest()
+
+
+def digest(value: Any, *, media: bool = False) -> bytes:
+    """The 16-byte digest of ``value`` (see the module notes for the rules)."""
+    return Encoder().digest(value, media=media)

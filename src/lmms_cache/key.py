@@ -1,0 +1,190 @@
+"""The key of a request: what the model is asked, never where it came from.
+
+``key = xxh3-128(schema, model identity, method, each argument by its role[, occurrence])``
+
+* computed before the model sees the request (models mutate ``gen_kwargs`` in place);
+* callables the model calls on the document are called here and their result keyed by
+  content, so the document's address (task, split, doc_id) is left out: content decides.
+  When no document can be found (no ``task_dict``) the address joins the key instead;
+* a sampled request's k-th occurrence over the proxy's lifetime is its own entry, so
+  ``repeats`` stay independent samples and a rerun replays them in order.
+
+``KEY_SCHEMA`` names this format. Changing any rule here or in :mod:`fingerprint` changes
+keys: it must come with a new schema name and a migration (the golden tests pin it).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .fingerprint import Encoder, Unfingerprintable, digest_bytes
+from .identity import ModelIdentity
+from .requests import DOC, MEDIA, RESOLVE, DocumentUnavailable, Resolver, RequestView, view
+
+__all__ = ["KEY_SCHEMA", "KeyBuilder", "RequestKey", "is_sampling"]
+
+log = logging.getLogger("lmms_cache")
+
+KEY_SCHEMA = b"lmms-cache/key/1"
+
+
+@dataclass(frozen=True)
+class RequestKey:
+    """A request's key, or why it has none (``key is None``: it bypasses the cache)."""
+
+    key: bytes | None
+    view: RequestView | None
+    bypass_reason: str | None = None
+
+
+def is_sampling(gen_kwargs: Mapping[str, Any] | None, repeats: int) -> bool:
+    """Whether a request asks for a sample rather than the one deterministic answer."""
+    if repeats > 1:
+        return True
+    if not gen_kwargs:
+        return False
+    if gen_kwargs.get("do_sample") is True:
+        return True
+    for name, limit in (("temperature", 0), ("n", 1), ("num_return_sequences", 1), ("best_of", 1)):
+        value = gen_kwargs.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > limit:
+            return True
+    return False
+
+
+class KeyBuilder:
+    """Keys for one proxy: holds the model identity and the sampled-occurrence counts.
+
+    Args:
+        identity: the wrapped model's identity.
+        model: the model, whose ``task_dict`` holds the documents.
+        encoder: the value encoder (its file digests may be persisted by the store).
+        sampling: True/False forces every request sampled/deterministic; None guesses.
+        warn: called once per kind of problem with a message.
+    """
+
+    def __init__(
+        self,
+        identity: ModelIdentity,
+        model: Any,
+        encoder: Encoder,
+        sampling: bool | None = None,
+        warn: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self._prefix = KEY_SCHEMA + b"\0" + bytes.fromhex(identity.digest) + b"\0"
+        self._resolver = Resolver(model)
+        self._encoder = encoder
+        self._sampling = sampling
+        self._warn = warn or (lambda kind, message: log.warning(message))
+        self._occurrences: dict[bytes, int] = {}
+
+    def keys(self, method: str, requests: Sequence[Any]) -> list[RequestKey]:
+        """One key per request, in order; the same object listed k times is k occurrences."""
+        resolved: dict[tuple[int, Any], bytes] = {}  # (callable, document) -> digest, this call
+        base: dict[int, tuple[bytes | None, RequestView | None, bool, str | None]] = {}
+        out = []
+        prefix = self._prefix + method.encode() + b"\0"
+        for request in requests:
+            found = base.get(id(request))
+            if found is None:
+                found = self._base(prefix, method, request, resolved)
+                base[id(request)] = found
+            key, rview, sampled, reason = found
+            if key is not None and sampled:
+                k = self._occurrences.get(key, 0)
+                self._occurrences[key] = k + 1
+                key = digest_bytes(key + b"#%d" % k)
+            out.append(RequestKey(key, rview, reason))
+        return out
+
+    def _base(
+        self, prefix: bytes, method: str, request: Any, resolved: dict[tuple[int, Any], bytes]
+    ) -> tuple[bytes | None, RequestView | None, bool, str | None]:
+        try:
+            rview = view(method, request)
+        except TypeError as exc:
+            raise TypeError(f"{method}: {exc}") from None
+        out = bytearray(prefix)
+        write = self._encoder.write
+        need_address = False
+        try:
+            for part in rview.parts:
+                out += part.name.encode() + b"="
+                if part.role is RESOLVE and part.value is not None:
+                    d = self._resolved(part.value, rview, resolved)
+                    if d is None:
+                        need_address = True
+                        write(out, part.value)  # the callable's code identity
+                    else:
+                        out += d
+                elif part.role is DOC:
+                    d = self._document(rview, resolved)
+                    if d is None:
+                        need_address = True
+                    else:
+                        out += d
+                else:
+                    write(out, part.value, media=part.role is MEDIA)
+            if need_address:
+                for part in rview.address_args:
+                    out += part.name.encode() + b"="
+                    write(out, part.value)
+        except Unfingerprintable as exc:
+            self._warn("unfingerprintable", f"lmms-cache: a {method} request bypasses the cache: {exc}")
+            return None, rview, False, str(exc)
+        except _ResolveFailed as exc:
+            return None, rview, False, str(exc)
+        sampled = self._sampling if self._sampling is not None else is_sampling(rview.gen_kwargs, rview.repeats)
+        return digest_bytes(out), rview, sampled, None
+
+    def _resolved(self, fn: Any, rview: RequestView, memo: dict[tuple[int, Any], bytes]) -> bytes | None:
+        address = rview.address
+        if address is None:
+            return None
+        memo_key = (id(fn), address)
+        found = memo.get(memo_key)
+        if found is not None:
+            return found
+        try:
+            value = self._resolver.resolve(fn, address)
+        except DocumentUnavailable as exc:
+            self._warn(
+                "no-document",
+                f"lmms-cache: cannot call {getattr(fn, '__qualname__', 'the request callable')} on "
+                f"its document ({exc}); keying such requests by task, split and doc_id instead of "
+                "by their media content. Set model.task_dict as lmms-eval does to key by content.",
+            )
+            return None
+        except Exception as exc:  # the model will call it too and meet the error itself
+            self._warn(
+                "resolve-failed",
+                f"lmms-cache: {getattr(fn, '__qualname__', 'a request callable')} raised "
+                f"{type(exc).__name__} on {address}; such requests go to the model uncached.",
+            )
+            raise _ResolveFailed(
+                f"{getattr(fn, '__qualname__', 'callable')} raised {type(exc).__name__}: {exc}"
+            ) from exc
+        d = self._encoder.digest(value, media=True)
+        memo[memo_key] = d
+        return d
+
+    def _document(self, rview: RequestView, memo: dict[tuple[int, Any], bytes]) -> bytes | None:
+        address = rview.address
+        if address is None:
+            return None
+        memo_key = (0, address)
+        found = memo.get(memo_key)
+        if found is None:
+            try:
+                found = self._encoder.digest(self._resolver.document(address))
+            except DocumentUnavailable:
+                return None
+            memo[memo_key] = found
+        return found
+
+
+class _ResolveFailed(Exception):
+    pass

@@ -1,0 +1,498 @@
+"""The caching proxy: intercept the request methods, answer hits, batch the misses.
+
+One call (``lm.generate_until(requests)``):
+
+1. key every request (before the model sees it: models mutate ``gen_kwargs``);
+2. look all keys up in one round trip;
+3. send the misses, de-duplicated, to the model in batches of ``batch_size``; write each
+   batch's responses in one transaction as soon as it returns (failures are never
+   written);
+4. merge hits and fresh responses back into request order.
+
+Store problems never reach the evaluation: they become misses (or unsaved responses)
+plus one warning per kind of problem.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import wrapt
+
+from . import codec
+from .fingerprint import Encoder, FileDigests
+from .identity import ModelIdentity, identify
+from .key import KeyBuilder, RequestKey
+from .store import Entry, NullStore, Store, StoreError, default_location, open_store
+
+__all__ = ["DEFAULT_BATCH_SIZE", "METHODS", "MODES", "CacheStats", "CachedModel", "cached",
+           "default_is_failure", "is_cached"]  # fmt: skip
+
+log = logging.getLogger("lmms_cache")
+
+METHODS = ("generate_until", "loglikelihood", "loglikelihood_rolling", "generate_until_multi_round")
+MODES = ("readwrite", "readonly", "refresh", "off")
+# 64 misses per model call and per durable write: a crash loses at most 64 paid responses,
+# while a model that batches or runs requests concurrently inside one call (vLLM, API
+# wrappers with num_concurrent) still gets enough work per call to stay efficient.
+DEFAULT_BATCH_SIZE = 64
+_MAX_PENDING = 100_000  # unsaved entries kept for a retry while the store refuses writes
+
+_FAILURE_MARKERS = ("[LMMS_EVAL_REQUEST_FAILED", "[LMMS_EVAL_BUDGET_EXCEEDED]")
+
+
+def default_is_failure(response: Any) -> bool:
+    """The default rule for responses that must never be cached.
+
+    A failure is ``None``; empty or whitespace text (API wrappers return ``""`` when they
+    give up); text starting with lmms-eval's markers ``[LMMS_EVAL_REQUEST_FAILED`` or
+    ``[LMMS_EVAL_BUDGET_EXCEEDED]``; a NaN score (also as the first item of a
+    ``(logprob, is_greedy)`` pair); an object with a ``.text`` (``GenerationResult``)
+    whose text is a failure; and a multi-round answer (a list) with any failed round.
+
+    Example:
+        >>> default_is_failure(""), default_is_failure("cat"), default_is_failure((float("nan"), False))
+        (True, False, True)
+    """
+    if response is None:
+        return True
+    if isinstance(response, str):
+        text = response.strip()
+        return not text or text.startswith(_FAILURE_MARKERS)
+    if isinstance(response, float):
+        return math.isnan(response)
+    if isinstance(response, tuple) and response and isinstance(response[0], float):
+        return math.isnan(response[0])
+    if isinstance(response, list):
+        return not response or any(default_is_failure(r) for r in response)
+    text = getattr(response, "text", None)
+    if text is not None or hasattr(response, "text"):
+        return default_is_failure(text)
+    return False
+
+
+@dataclass
+class CacheStats:
+    """Cumulative counts of a proxy (``lm.cache_stats``)."""
+
+    calls: int = 0
+    requests: int = 0
+    hits: int = 0
+    misses: int = 0  # requests answered by the model (duplicates of one request count once)
+    written: int = 0  # responses made durable
+    failures: int = 0  # responses the failure rule kept out of the cache
+    bypassed: int = 0  # requests that could not be keyed and went to the model uncached
+    model_calls: int = 0
+    model_seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def is_cached(obj: Any) -> bool:
+    """True for a proxy made by :func:`cached`, False for anything else (a model)."""
+    return isinstance(type(obj), type) and issubclass(type(obj), CachedModel)
+
+
+def cached(
+    model: Any,
+    path: str | os.PathLike[str] | None = None,
+    *,
+    model_id: str | None = None,
+    batch_size: int | None = None,
+    mode: str | None = None,
+    is_failure: Callable[[Any], bool] | None = None,
+    sampling: bool | None = None,
+    progress: bool | None = None,
+    durable: bool = True,
+    lockstep: bool | Callable[[int], int] = False,
+) -> CachedModel:
+    """Wrap ``model`` so that every response it has given once is answered from disk.
+
+    Args:
+        model: an lmms-eval or lm-eval model (anything with one of :data:`METHODS`).
+        path: the cache directory; default ``$LMMS_CACHE_DIR``, else the per-user cache
+            directory (``~/.cache/lmms-cache`` on Linux).
+        model_id: names the model in the key, replacing the identity derived from its
+            class and settings. Use it for API models and whenever the derived identity
+            is not what makes outputs differ.
+        batch_size: misses per model call and per durable write (default
+            :data:`DEFAULT_BATCH_SIZE`). Smaller loses less on a crash; larger keeps models
+            that batch or run requests concurrently inside one call efficient.
+        mode: ``"readwrite"`` (default), ``"readonly"`` (serve hits, never write; the store
+            is opened read-only), ``"refresh"`` (recompute everything and overwrite) or
+            ``"off"`` (pass-through); default ``$LMMS_CACHE_MODE``.
+        is_failure: ``response -> bool``; True keeps a response out of the cache. Replaces
+            :func:`default_is_failure`.
+        sampling: force every request to be treated as sampled (True: the k-th
+            occurrence of a request is its own entry) or deterministic (False); None
+            guesses from ``do_sample``, ``temperature > 0``, ``n > 1`` and ``repeats > 1``.
+        progress: a progress bar over the misses; default: when stderr is a terminal.
+        durable: fsync every batch's commit (survives power loss); False survives only a
+            killed process, with fewer fsyncs.
+        lockstep: for models that must step together across ranks (collectives inside
+            ``generate_until``): every rank then calls the model equally often, padding
+            with calls whose results are discarded. True agrees on the count through
+            ``torch.distributed``; a callable ``local_count -> max_count`` does it otherwise.
+
+    Returns:
+        A proxy that behaves like ``model``: ``isinstance(proxy, type(model))`` holds,
+        attribute reads and writes reach the model, ``proxy.__wrapped__`` is the model.
+
+    Raises:
+        TypeError: ``model`` has none of the request methods.
+        ValueError: an unknown ``mode`` or a ``batch_size`` below 1.
+
+    Example:
+        >>> class Echo:
+        ...     model_name = "echo-1"
+        ...     def generate_until(self, requests):
+        ...         return [r.args[0].upper() for r in requests]
+        >>> import tempfile; from types import SimpleNamespace as R
+        >>> lm = cached(Echo(), tempfile.mkdtemp())
+        >>> lm.generate_until([R(args=("hi", {}))]), lm.generate_until([R(args=("hi", {}))])
+        (['HI'], ['HI'])
+        >>> lm.cache_stats.hits
+        1
+    """
+    if is_cached(model):
+        raise TypeError("the model is already wrapped by lmms-cache")
+    methods = tuple(m for m in METHODS if callable(getattr(model, m, None)))
+    if not methods:
+        raise TypeError(
+            f"{type(model).__name__} has none of the request methods {', '.join(METHODS)}; "
+            "cached() wraps lmms-eval / lm-eval models"
+        )
+    mode = mode if mode is not None else os.environ.get("LMMS_CACHE_MODE") or "readwrite"
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    if batch_size is None:
+        batch_size = DEFAULT_BATCH_SIZE
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer of at least 1, not {batch_size!r}")
+    if is_failure is not None and not callable(is_failure):
+        raise TypeError(f"is_failure must be callable, not {is_failure!r}")
+    if sampling not in (None, True, False):
+        raise ValueError(f"sampling must be True, False or None, not {sampling!r}")
+    options = {
+        "path": os.fspath(path) if path is not None else None, "model_id": model_id,
+        "batch_size": batch_size, "mode": mode, "is_failure": is_failure, "sampling": sampling,
+        "progress": progress, "durable": durable, "lockstep": lockstep,
+    }  # fmt: skip
+    return _proxy_class(type(model), methods)(model, options)
+
+
+_classes: dict[tuple[type, tuple[str, ...]], type] = {}
+
+
+def _proxy_class(model_cls: type, methods: tuple[str, ...]) -> type[CachedModel]:
+    """A proxy subclass per model class, named like it.
+
+    Harnesses name the model in their results by ``type(lm).__name__``/``__module__``,
+    which a proxy cannot forward; a subclass carrying the model class's names can. Only
+    the methods the model has are intercepted, so ``hasattr`` answers as for the model.
+    """
+    cls = _classes.get((model_cls, methods))
+    if cls is None:
+        namespace: dict[str, Any] = {"__qualname__": model_cls.__qualname__}
+        for name in methods:
+            namespace[name] = _interceptor(name)
+        cls = type(model_cls.__name__, (CachedModel,), namespace)
+        cls.__module__ = model_cls.__module__
+        _classes[(model_cls, methods)] = cls
+    return cls
+
+
+def _interceptor(method: str) -> Callable[..., Any]:
+    def intercept(self: CachedModel, requests: Sequence[Any], *args: Any, **kwargs: Any) -> Any:
+        return self._self_run(method, requests, args, kwargs)
+
+    intercept.__name__ = intercept.__qualname__ = method
+    intercept.__doc__ = f"``{method}`` answered from the cache where possible."
+    return intercept
+
+
+def _rebuild(model: Any, options: dict[str, Any]) -> CachedModel:
+    return cached(model, **options)
+
+
+class CachedModel(wrapt.ObjectProxy):  # type: ignore[misc]
+    """The proxy :func:`cached` returns (one subclass per model class).
+
+    Everything not defined here is the model's. Proxy state lives in ``_self_*``
+    attributes, which wrapt keeps on the proxy.
+    """
+
+    def __init__(self, model: Any, options: dict[str, Any]) -> None:
+        super().__init__(model)
+        self._self_options = options
+        self._self_mode = options["mode"]
+        self._self_batch_size = options["batch_size"]
+        self._self_is_failure = options["is_failure"] or default_is_failure
+        self._self_progress = options["progress"]
+        self._self_lockstep = options["lockstep"]
+        self._self_stats = CacheStats()
+        self._self_warned: set[str] = set()
+        self._self_pending: list[Entry] = []
+        self._self_new_files: list[tuple[str, tuple[int, ...], bytes]] = []
+        location = options["path"] if options["path"] is not None else default_location()
+        self._self_location = os.path.abspath(os.path.expanduser(location))
+        self._self_store = self._self_open_store(options["durable"])
+        self._self_identity = identify(model, options["model_id"])
+        log.info("lmms-cache: %s at %s, model identity %s = %s", self._self_mode,
+                 self._self_location, self._self_identity.digest[:12], self._self_identity.json())
+        files = FileDigests(lookup=self._self_file_lookup, remember=self._self_file_remember)
+        self._self_keys = KeyBuilder(self._self_identity, model, Encoder(files),
+                                     sampling=options["sampling"], warn=self._self_warn)  # fmt: skip
+        if self._self_mode not in ("off", "readonly"):
+            self._self_guard(lambda: self._self_store.remember_model(
+                self._self_identity.digest, self._self_identity.json()), "recording the model")
+
+    # -- public, proxy-owned surface ------------------------------------------------------
+
+    @property
+    def cache_stats(self) -> CacheStats:
+        """Cumulative counts since wrapping."""
+        return self._self_stats
+
+    @property
+    def cache_identity(self) -> ModelIdentity:
+        """The model identity that is part of every key."""
+        return self._self_identity
+
+    @property
+    def cache_store(self) -> Store:
+        """The store behind the proxy (a :class:`NullStore` when the cache is unusable)."""
+        return self._self_store
+
+    def cache_close(self) -> None:
+        """Retry unsaved entries once more and release the store's connection."""
+        self._self_flush()
+        self._self_store.close()
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        return _rebuild, (self.__wrapped__, self._self_options)
+
+    def __repr__(self) -> str:
+        return f"<lmms_cache {self._self_mode} proxy of {self.__wrapped__!r} at {self._self_location}>"
+
+    # -- one call ---------------------------------------------------------------------------
+
+    def _self_run(self, method: str, requests: Sequence[Any], args: tuple[Any, ...],
+                  kwargs: dict[str, Any]) -> list[Any]:  # fmt: skip
+        model_method = getattr(self.__wrapped__, method)
+        if self._self_mode == "off":
+            return model_method(requests, *args, **kwargs)  # type: ignore[no-any-return]
+        requests = list(requests)
+        if not requests:
+            return model_method(requests, *args, **kwargs)  # type: ignore[no-any-return]
+        stats = self._self_stats
+        stats.calls += 1
+        stats.requests += len(requests)
+        keys = self._self_keys.keys(method, requests)
+        results: list[Any] = [None] * len(requests)
+        found = self._self_lookup(keys) if self._self_mode != "refresh" else {}
+        todo: dict[bytes, list[int]] = {}
+        jobs: list[tuple[int, bytes | None]] = []  # (first request index, key) to compute
+        hits = 0
+        for i, rk in enumerate(keys):
+            if rk.key is None:
+                jobs.append((i, None))
+            elif rk.key in found:
+                results[i] = found[rk.key]
+                hits += 1
+            elif rk.key in todo:
+                todo[rk.key].append(i)
+            else:
+                todo[rk.key] = [i]
+                jobs.append((i, rk.key))
+        stats.hits += hits
+        stats.bypassed += sum(1 for rk in keys if rk.key is None)
+        written, failures, model_seconds = self._self_compute(
+            method, model_method, requests, keys, jobs, todo, results, args, kwargs
+        )
+        self._self_flush_files()
+        log.info(
+            "lmms-cache %s: %d requests, %d hits, %d misses, %d written, %d not cached, "
+            "%.2fs in the model", method, len(requests), hits, len(jobs), written, failures,
+            model_seconds,
+        )
+        return results
+
+    def _self_compute(self, method: str, model_method: Callable[..., Any], requests: list[Any],
+                      keys: list[RequestKey], jobs: list[tuple[int, bytes | None]],
+                      todo: dict[bytes, list[int]], results: list[Any], args: tuple[Any, ...],
+                      kwargs: dict[str, Any]) -> tuple[int, int, float]:  # fmt: skip
+        size = self._self_batch_size
+        batches = [jobs[s : s + size] for s in range(0, len(jobs), size)]
+        padding = self._self_padding(len(batches))
+        stats = self._self_stats
+        written = failures = 0
+        model_seconds = 0.0
+        bar = self._self_bar(method, len(jobs))
+        try:
+            for batch in batches:
+                started = time.perf_counter()
+                responses = model_method([requests[i] for i, _ in batch], *args, **kwargs)
+                elapsed = time.perf_counter() - started
+                model_seconds += elapsed
+                stats.model_calls += 1
+                stats.model_seconds += elapsed
+                stats.misses += len(batch)
+                responses = list(responses)
+                if len(responses) != len(batch):
+                    raise RuntimeError(
+                        f"{type(self.__wrapped__).__name__}.{method} returned {len(responses)} "
+                        f"responses for {len(batch)} requests"
+                    )
+                entries = []
+                now = time.time()
+                for (i, key), response in zip(batch, responses):
+                    if key is None:
+                        results[i] = response
+                        continue
+                    for j in todo[key]:
+                        results[j] = response
+                    if self._self_is_failure(response):
+                        failures += 1
+                        continue
+                    entry = self._self_entry(method, key, keys[i], response, now, elapsed / len(batch))
+                    if entry is not None:
+                        entries.append(entry)
+                written += self._self_save(entries)
+                if bar is not None:
+                    bar.update(len(batch))
+            for _ in range(padding):
+                # Discarded: only the number of model calls matters to a lock-stepped model.
+                model_method([requests[0]], *args, **kwargs)
+        finally:
+            if bar is not None:
+                bar.close()
+        stats.failures += failures
+        return written, failures, model_seconds
+
+    def _self_entry(self, method: str, key: bytes, rk: RequestKey, response: Any, now: float,
+                    seconds: float) -> Entry | None:  # fmt: skip
+        try:
+            value = codec.encode(response)
+        except Exception as exc:  # anything dill cannot serialize stays uncached
+            self._self_warn("encode", f"lmms-cache: a {method} response of type "
+                            f"{type(response).__name__} cannot be stored ({exc}); it stays uncached")
+            return None
+        rv = rk.view
+        doc_id = None if rv is None or rv.doc_id is None else str(rv.doc_id)
+        return Entry(key=key, value=value, model=self._self_identity.digest, method=method,
+                     task=None if rv is None or rv.task is None else str(rv.task),
+                     split=None if rv is None or rv.split is None else str(rv.split),
+                     doc_id=doc_id, created_at=now, model_seconds=seconds)  # fmt: skip
+
+    # -- the store, guarded -----------------------------------------------------------------
+
+    def _self_open_store(self, durable: bool) -> Store:
+        if self._self_mode == "off":
+            return NullStore(self._self_location, "mode off")
+        try:
+            return open_store(self._self_location, readonly=self._self_mode == "readonly", durable=durable)
+        except StoreError as exc:
+            self._self_warn("open", f"lmms-cache: the cache is unusable ({exc}); running uncached. "
+                            "The model's responses are returned as usual but not saved.")
+            return NullStore(self._self_location, str(exc))
+
+    def _self_guard(self, action: Callable[[], Any], what: str, default: Any = None) -> Any:
+        try:
+            return action()
+        except StoreError as exc:
+            self._self_warn(what, f"lmms-cache: {what} failed: {exc}. Continuing uncached for this step.")
+            return default
+
+    def _self_lookup(self, keys: list[RequestKey]) -> dict[bytes, Any]:
+        wanted = list({rk.key for rk in keys if rk.key is not None})
+        blobs = self._self_guard(lambda: self._self_store.get_many(wanted), "reading the cache", {})
+        found = {}
+        for key, blob in blobs.items():
+            try:
+                found[key] = codec.decode(blob)
+            except codec.CodecError as exc:
+                self._self_warn("decode", f"lmms-cache: a stored value in {self._self_store.location} "
+                                f"cannot be read ({exc}); it is recomputed and overwritten")
+        return found
+
+    def _self_save(self, entries: list[Entry]) -> int:
+        if self._self_mode == "readonly" or isinstance(self._self_store, NullStore):
+            return 0
+        pending = self._self_pending + entries
+        if not pending:
+            return 0
+        try:
+            self._self_store.put_many(pending)
+        except StoreError as exc:
+            self._self_warn("write", f"lmms-cache: cannot write to the cache: {exc}. Responses "
+                            "are returned as usual; unsaved ones are retried with the next batch.")
+            self._self_pending = pending[-_MAX_PENDING:]
+            return 0
+        self._self_pending = []
+        self._self_stats.written += len(pending)
+        return len(pending)
+
+    def _self_flush(self) -> None:
+        self._self_save([])
+        self._self_flush_files()
+
+    def _self_file_lookup(self, path: str, signature: tuple[int, ...]) -> bytes | None:
+        return self._self_guard(lambda: self._self_store.file_digest(path, signature),  # type: ignore[no-any-return]
+                                "reading a file digest")
+
+    def _self_file_remember(self, path: str, signature: tuple[int, ...], digest: bytes) -> None:
+        self._self_new_files.append((path, signature, digest))
+
+    def _self_flush_files(self) -> None:
+        if self._self_new_files and self._self_mode != "readonly":
+            rows, self._self_new_files = self._self_new_files, []
+            self._self_guard(lambda: self._self_store.remember_files(rows), "remembering file digests")
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _self_warn(self, kind: str, message: str) -> None:
+        if kind not in self._self_warned:
+            self._self_warned.add(kind)
+            log.warning(message)
+
+    def _self_padding(self, local_batches: int) -> int:
+        lockstep = self._self_lockstep
+        if not lockstep:
+            return 0
+        agree = lockstep if callable(lockstep) else _torch_distributed_max
+        return max(0, int(agree(local_batches)) - local_batches)
+
+    def _self_bar(self, method: str, total: int) -> Any:
+        show = self._self_progress
+        if show is None:
+            show = sys.stderr.isatty()
+        if not show or total == 0:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=f"lmms-cache {method} misses", unit="req", leave=False)
+
+
+def _torch_distributed_max(local: int) -> int:
+    """The largest ``local`` over all ranks (torch.distributed), or ``local`` when single."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return local
+    dist = torch.distributed
+    if not dist.is_available() or not dist.is_initialized():
+        return local
+    device = "cpu"
+    if dist.get_backend() == "nccl":
+        device = f"cuda:{torch.cuda.current_device()}"
+    t = torch.tensor([local], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())

@@ -1,0 +1,207 @@
+"""What lmms-eval and lm-eval requests look like, and how their media are resolved.
+
+A request is anything with an ``.args`` tuple (both harnesses' ``Instance``), or a bare
+tuple. :func:`view` names each argument's role for the key:
+
+=========  ==========================================================================
+role       how the key treats it
+=========  ==========================================================================
+value      by value (callables inside by code identity)
+media      by content: images, arrays, files named by a path
+resolve    a callable the model calls on the document (``doc_to_visual``,
+           ``doc_to_messages``, ``doc_to_target``): called here on the same
+           document, the result keyed as media
+doc        the whole document, by content (the multi-round step function reads it)
+=========  ==========================================================================
+
+lmms-eval 0.7.3 layouts (``.args``):
+
+* simple ``generate_until``: ``(context, gen_kwargs, doc_to_visual, doc_id, task, split)``
+* chat ``generate_until``: ``(context, doc_to_messages, gen_kwargs, doc_id, task, split)``
+* ``generate_until_multi_round``:
+  ``(context, gen_kwargs, doc_to_visual, doc_to_text, doc_id, task, split)``
+* ``loglikelihood``: ``(context, doc_to_target | continuation, doc_to_visual, doc_id, task, split)``
+
+lm-eval: ``(context, gen_kwargs[, {"visual": [...]}])``, ``(context, continuation)``,
+``(text,)``. Anything else is keyed argument by argument as values, which is always safe.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["DocumentUnavailable", "Part", "RequestView", "Resolver", "view"]
+
+VALUE, MEDIA, RESOLVE, DOC = "value", "media", "resolve", "doc"
+# Keys of an lm-eval auxiliary-arguments mapping whose values the model loads as media.
+_MEDIA_KEYS = frozenset({"visual", "visuals", "image", "images", "video", "videos", "audio", "audios"})
+
+
+@dataclass(frozen=True)
+class Part:
+    name: str
+    value: Any
+    role: str
+
+
+@dataclass
+class RequestView:
+    """A request's arguments with their roles, and the document they came from."""
+
+    parts: list[Part]
+    task: str | None = None
+    split: str | None = None
+    doc_id: Any = None
+    gen_kwargs: Mapping[str, Any] | None = None
+    repeats: int = 1
+    address_args: list[Part] = field(default_factory=list)
+
+    @property
+    def address(self) -> tuple[Any, Any, Any] | None:
+        if self.task is None or self.doc_id is None:
+            return None
+        return (self.task, self.split, self.doc_id)
+
+
+def _args(request: Any) -> tuple[Any, ...]:
+    args = getattr(request, "args", None)
+    if args is None:
+        if isinstance(request, tuple):
+            return request
+        raise TypeError(
+            f"a request must have an .args tuple (an lmms-eval or lm-eval Instance), "
+            f"not {type(request).__name__}"
+        )
+    return args if isinstance(args, tuple) else (args,)
+
+
+def _metadata(request: Any) -> tuple[Any, Any, Any, int]:
+    """(task, split, doc_id, repeats) from either harness's metadata."""
+    meta = getattr(request, "metadata", None)
+    task = split = doc_id = None
+    repeats: Any = 1
+    if isinstance(meta, Mapping):
+        task, doc_id, split = meta.get("task"), meta.get("doc_id"), meta.get("split")
+        repeats = meta.get("repeats", 1)
+    elif isinstance(meta, tuple) and len(meta) == 3:
+        task, doc_id, repeats = meta
+    try:
+        repeats = int(repeats or 1)
+    except (TypeError, ValueError):
+        repeats = 1
+    return task, split, doc_id, repeats
+
+
+def _is_doc_id(v: Any) -> bool:
+    return isinstance(v, (int, str)) and not isinstance(v, bool)
+
+
+def _fn_or_none(v: Any) -> bool:
+    return v is None or callable(v)
+
+
+def view(method: str, request: Any) -> RequestView:
+    """Name the roles of a request's arguments (see the module notes)."""
+    args = _args(request)
+    _task, _split, _doc_id, repeats = _metadata(request)
+    n = len(args)
+    tail_ok = n >= 6 and isinstance(args[-2], str) and isinstance(args[-1], str) and _is_doc_id(args[-3])
+    if tail_ok and n == 6 and method == "generate_until" and isinstance(args[1], Mapping) and _fn_or_none(args[2]):
+        parts = [Part("context", args[0], VALUE), Part("gen_kwargs", args[1], VALUE), Part("visual", args[2], RESOLVE)]
+        gen = args[1]
+    elif tail_ok and n == 6 and method == "generate_until" and callable(args[1]) and isinstance(args[2], Mapping):
+        parts = [Part("context", args[0], VALUE), Part("messages", args[1], RESOLVE), Part("gen_kwargs", args[2], VALUE)]
+        gen = args[2]
+    elif tail_ok and n == 7 and method == "generate_until_multi_round" and isinstance(args[1], Mapping):
+        parts = [
+            Part("context", args[0], VALUE), Part("gen_kwargs", args[1], VALUE), Part("visual", args[2], RESOLVE),
+            Part("step", args[3], VALUE), Part("doc", None, DOC),
+        ]  # fmt: skip
+        gen = args[1]
+    elif tail_ok and n == 6 and method == "loglikelihood" and _fn_or_none(args[2]) and (
+        callable(args[1]) or isinstance(args[1], (str, list, tuple))
+    ):
+        target_role = RESOLVE if callable(args[1]) else VALUE
+        parts = [Part("context", args[0], VALUE), Part("target", args[1], target_role), Part("visual", args[2], RESOLVE)]
+        gen = None
+    else:
+        return _generic(args, repeats, _task, _split, _doc_id)
+    address = [Part("doc_id", args[-3], VALUE), Part("task", args[-2], VALUE), Part("split", args[-1], VALUE)]
+    return RequestView(parts, task=args[-2], split=args[-1], doc_id=args[-3],
+                       gen_kwargs=gen, repeats=repeats, address_args=address)  # fmt: skip
+
+
+def _generic(args: tuple[Any, ...], repeats: int, task: Any, split: Any, doc_id: Any) -> RequestView:
+    parts = []
+    gen = None
+    for i, a in enumerate(args):
+        if i > 0 and isinstance(a, Mapping) and gen is None and not (_MEDIA_KEYS & set(a)):
+            gen = a
+            parts.append(Part(f"arg{i}", a, VALUE))
+        elif i > 0 and isinstance(a, Mapping) and (_MEDIA_KEYS & set(a)):
+            for k in sorted(a, key=str):
+                parts.append(Part(f"arg{i}.{k}", a[k], MEDIA if k in _MEDIA_KEYS else VALUE))
+        else:
+            parts.append(Part(f"arg{i}", a, VALUE))
+    return RequestView(parts, task=task, split=split, doc_id=doc_id, gen_kwargs=gen, repeats=repeats)
+
+
+class DocumentUnavailable(LookupError):
+    """The model has no ``task_dict`` entry for a request's document."""
+
+
+class Resolver:
+    """Calls a request's callables on its document, as the model would.
+
+    The global random states (``random``, numpy's, torch's) are restored after each call,
+    so keying a request never changes what the model itself would draw. Nothing is kept:
+    a call of 10,000 image requests must not hold 10,000 decoded images (the key builder
+    memoizes digests instead).
+    """
+
+    def __init__(self, model: Any) -> None:
+        self._model = model
+
+    def document(self, address: tuple[Any, Any, Any]) -> Any:
+        """``model.task_dict[task][split][doc_id]``."""
+        task, split, doc_id = address
+        try:
+            return self._model.task_dict[task][split][doc_id]
+        except (AttributeError, KeyError, IndexError, TypeError) as exc:
+            raise DocumentUnavailable(
+                f"no document {task}/{split}/{doc_id} in model.task_dict ({type(exc).__name__}: {exc})"
+            ) from exc
+
+    def resolve(self, fn: Any, address: tuple[Any, Any, Any]) -> Any:
+        """``fn(document)``.
+
+        Raises:
+            DocumentUnavailable: no task_dict entry for the document.
+            Exception: whatever ``fn`` raises.
+        """
+        doc = self.document(address)
+        states = _save_random_states()
+        try:
+            return fn(doc)
+        finally:
+            _restore_random_states(states)
+
+
+def _save_random_states() -> list[tuple[Any, Any]]:
+    states: list[tuple[Any, Any]] = [(random.setstate, random.getstate())]
+    np = sys.modules.get("numpy")
+    if np is not None:
+        states.append((np.random.set_state, np.random.get_state()))
+    torch = sys.modules.get("torch")
+    if torch is not None and hasattr(torch, "get_rng_state"):
+        states.append((torch.set_rng_state, torch.get_rng_state()))
+    return states
+
+
+def _restore_random_states(states: list[tuple[Any, Any]]) -> None:
+    for setter, state in states:
+        setter(state)

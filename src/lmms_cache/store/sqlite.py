@@ -1,0 +1,375 @@
+"""The embedded default: one SQLite file in WAL mode, no server.
+
+Why these settings:
+
+* WAL lets the ranks of one node read while one of them writes, across processes.
+* Writes take the lock up front (``BEGIN IMMEDIATE``), so two writers queue on the busy
+  timeout instead of dead-locking on a read-to-write upgrade; each batch of responses is
+  one transaction.
+* ``synchronous=FULL`` by default: a commit is on disk when ``put_many`` returns, even
+  across a power loss. It costs one fsync per *batch*, milliseconds next to the seconds a
+  batch of model calls costs. ``durable=False`` selects ``NORMAL``, which survives a
+  killed process but may lose the last batches on a power cut.
+* Keys are 16-byte BLOBs under a unique index; values are BLOBs in a rowid table, which
+  suits values larger than a few hundred bytes better than ``WITHOUT ROWID``.
+* WAL needs shared memory that network file systems do not provide: on one, the store
+  warns and uses a rollback journal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from .base import Entry, Store, StoreError
+
+__all__ = ["SQLiteStore", "network_filesystem"]
+
+log = logging.getLogger("lmms_cache")
+
+FILENAME = "cache.db"
+SCHEMA_VERSION = 1
+APPLICATION_ID = 0x4C4D4331  # "LMC1": tells our file from any other SQLite database
+_LOOKUP_CHUNK = 900  # bound parameters per SELECT ... IN (...)
+
+_NETWORK_FS = frozenset(
+    {
+        "nfs", "nfs3", "nfs4", "cifs", "smbfs", "smb2", "smb3", "lustre", "gpfs", "beegfs",
+        "ceph", "fuse.ceph", "panfs", "pvfs2", "orangefs", "fuse.sshfs", "fuse.rclone",
+        "fuse.s3fs", "fuse.goofys", "fuse.gcsfuse", "afs", "9p", "glusterfs", "fuse.glusterfs",
+        "wekafs", "fuse.juicefs",
+    }
+)  # fmt: skip
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    id INTEGER PRIMARY KEY,
+    key BLOB NOT NULL UNIQUE,
+    value BLOB NOT NULL,
+    model TEXT NOT NULL,
+    method TEXT NOT NULL,
+    task TEXT,
+    split TEXT,
+    doc_id TEXT,
+    created_at REAL NOT NULL,
+    size INTEGER NOT NULL,
+    model_seconds REAL NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS entries_model_task ON entries (model, task);
+CREATE TABLE IF NOT EXISTS models (
+    digest TEXT PRIMARY KEY,
+    description TEXT NOT NULL,
+    first_seen REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS files (
+    path TEXT PRIMARY KEY,
+    signature TEXT NOT NULL,
+    digest BLOB NOT NULL
+);
+"""
+
+_CORRUPT = ("file is not a database", "malformed", "file is encrypted")
+
+
+def network_filesystem(path: str) -> str | None:
+    """The type of the network file system holding ``path``, or None for a local one."""
+    try:
+        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as f:
+            mounts = [line.split()[1:3] for line in f if len(line.split()) >= 3]
+    except OSError:
+        return None
+    real = os.path.realpath(path)
+    best, best_type = "", None
+    for mount_point, fs_type in mounts:
+        mount_point = mount_point.replace("\\040", " ")
+        inside = real == mount_point or real.startswith(mount_point.rstrip("/") + "/")
+        if inside and len(mount_point) >= len(best):
+            best, best_type = mount_point, fs_type
+    return best_type if best_type in _NETWORK_FS else None
+
+
+class SQLiteStore(Store):
+    """Responses in ``<directory>/cache.db``.
+
+    Args:
+        directory: created (0700) when missing; the database file is created 0600.
+        readonly: open the file read-only and never write (works on read-only media).
+        durable: ``synchronous=FULL`` (default) or ``NORMAL``; see the module notes.
+        timeout: seconds a writer waits for another process's transaction.
+
+    Raises:
+        StoreError: the location cannot hold a cache (not creatable, not a database of
+            ours, written by a newer version). A damaged database is renamed aside to
+            ``cache.db.corrupt-<time>`` and a fresh one started, with a warning.
+    """
+
+    def __init__(
+        self, directory: str, *, readonly: bool = False, durable: bool = True, timeout: float = 60.0
+    ) -> None:
+        self.directory = os.path.abspath(os.path.expanduser(directory))
+        self.path = os.path.join(self.directory, FILENAME)
+        self.location = self.path
+        self.readonly = readonly
+        self._durable = durable
+        self._timeout = timeout
+        self._lock = threading.RLock()
+        self._conn_pid: int | None = None
+        self._conn_obj: sqlite3.Connection | None = None
+        # Connections inherited through fork() must never be used or closed by the child
+        # (SQLite forbids it); they are kept referenced here so they are not closed by GC.
+        self._inherited: list[sqlite3.Connection] = []
+        self._connect()
+
+    # -- connection ---------------------------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._conn_pid != os.getpid() or self._conn_obj is None:
+            if self._conn_obj is not None:
+                self._inherited.append(self._conn_obj)
+                self._conn_obj = None
+            self._connect()
+        assert self._conn_obj is not None
+        return self._conn_obj
+
+    def _connect(self) -> None:
+        try:
+            conn = self._open_readonly() if self.readonly else self._open_readwrite()
+        except sqlite3.DatabaseError as exc:
+            if self.readonly or not any(m in str(exc) for m in _CORRUPT):
+                raise StoreError(f"cannot open the cache at {self.path}: {exc}") from exc
+            self._set_aside(exc)
+            try:
+                conn = self._open_readwrite()
+            except sqlite3.Error as exc2:
+                raise StoreError(f"cannot open the cache at {self.path}: {exc2}") from exc2
+        except OSError as exc:
+            raise StoreError(f"cannot create the cache at {self.directory}: {exc}") from exc
+        self._conn_obj = conn
+        self._conn_pid = os.getpid()
+
+    def _open_readwrite(self) -> sqlite3.Connection:
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        conn = sqlite3.connect(
+            self.path, timeout=self._timeout, isolation_level=None, check_same_thread=False
+        )
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(self._timeout * 1000)}")
+            self._check_ours(conn)
+            fs = network_filesystem(self.directory)
+            if fs:
+                log.warning(
+                    "lmms-cache: %s is on a network file system (%s); SQLite's WAL mode is "
+                    "unsafe there, so the cache uses a rollback journal. Several machines "
+                    "writing one file can still corrupt it: give each node a local cache "
+                    "directory, or share one through a server.",
+                    self.directory, fs,
+                )
+                journal = "DELETE"
+            else:
+                journal = "WAL"
+            if conn.execute("PRAGMA journal_mode").fetchone()[0].upper() != journal:
+                conn.execute(f"PRAGMA journal_mode = {journal}")
+            conn.execute(f"PRAGMA synchronous = {'FULL' if self._durable else 'NORMAL'}")
+            self._create_schema(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _open_readonly(self) -> sqlite3.Connection:
+        if not os.path.exists(self.path):
+            raise StoreError(f"no cache at {self.path} (read-only mode does not create one)")
+        uri = "file:" + self.path.replace("?", "%3f").replace("#", "%23")
+        try:
+            conn = sqlite3.connect(uri + "?mode=ro", uri=True, timeout=self._timeout,
+                                   isolation_level=None, check_same_thread=False)
+            self._check_ours(conn)
+        except sqlite3.OperationalError:
+            # On read-only media SQLite cannot create the WAL index it needs even to read;
+            # nobody can be writing there, so immutable is exact.
+            conn = sqlite3.connect(uri + "?immutable=1", uri=True, timeout=self._timeout,
+                                   isolation_level=None, check_same_thread=False)
+            self._check_ours(conn)
+        return conn
+
+    def _check_ours(self, conn: sqlite3.Connection) -> None:
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if app_id == 0:
+            tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+            if tables:
+                raise StoreError(
+                    f"{self.path} is an SQLite database of another program; not touching it"
+                )
+        elif app_id != APPLICATION_ID:
+            raise StoreError(f"{self.path} is an SQLite database of another program")
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path} was written by a newer lmms-cache (schema {version}); upgrade"
+            )
+
+    def _create_schema(self, conn: sqlite3.Connection) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def _set_aside(self, exc: Exception) -> None:
+        aside = f"{self.path}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+        try:
+            os.replace(self.path, aside)
+            for suffix in ("-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(self.path + suffix, aside + suffix)
+        except OSError as exc2:
+            raise StoreError(f"the cache at {self.path} is damaged ({exc}) and cannot be "
+                             f"moved aside ({exc2})") from exc
+        log.warning("lmms-cache: the cache at %s was damaged (%s); it was moved to %s and a "
+                    "new one started", self.path, exc, aside)
+
+    @contextlib.contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise StoreError(f"{what} failed on {self.path}: {exc}") from exc
+        except OSError as exc:
+            raise StoreError(f"{what} failed on {self.path}: {exc}") from exc
+
+    @contextlib.contextmanager
+    def _transaction(self, what: str) -> Iterator[sqlite3.Connection]:
+        if self.readonly:
+            raise StoreError(f"{self.path} is open read-only")
+        with self._lock, self._errors(what):
+            conn = self._conn()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                raise
+
+    # -- the interface ------------------------------------------------------------------
+
+    def get_many(self, keys: Sequence[bytes]) -> dict[bytes, bytes]:
+        found: dict[bytes, bytes] = {}
+        with self._lock, self._errors("reading"):
+            conn = self._conn()
+            for start in range(0, len(keys), _LOOKUP_CHUNK):
+                chunk = keys[start : start + _LOOKUP_CHUNK]
+                marks = ",".join("?" * len(chunk))
+                found.update(
+                    conn.execute(f"SELECT key, value FROM entries WHERE key IN ({marks})", chunk)
+                )
+        return found
+
+    def put_many(self, entries: Sequence[Entry]) -> None:
+        if not entries:
+            return
+        rows = [
+            (e.key, e.value, e.model, e.method, e.task, e.split, e.doc_id,
+             e.created_at or time.time(), len(e.value), e.model_seconds)
+            for e in entries
+        ]  # fmt: skip
+        with self._transaction("writing") as conn:
+            conn.executemany(
+                "INSERT INTO entries (key, value, model, method, task, split, doc_id, "
+                "created_at, size, model_seconds) VALUES (?,?,?,?,?,?,?,?,?,?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value, model = excluded.model, "
+                "method = excluded.method, task = excluded.task, split = excluded.split, "
+                "doc_id = excluded.doc_id, created_at = excluded.created_at, "
+                "size = excluded.size, model_seconds = excluded.model_seconds",
+                rows,
+            )
+
+    def delete(self, keys: Sequence[bytes]) -> int:
+        removed = 0
+        with self._transaction("deleting") as conn:
+            for start in range(0, len(keys), _LOOKUP_CHUNK):
+                chunk = keys[start : start + _LOOKUP_CHUNK]
+                marks = ",".join("?" * len(chunk))
+                removed += conn.execute(f"DELETE FROM entries WHERE key IN ({marks})", chunk).rowcount
+        return removed
+
+    def scan(self) -> Iterator[Entry]:
+        with self._lock, self._errors("scanning"):
+            rows = self._conn().execute(
+                "SELECT key, value, model, method, task, split, doc_id, created_at, model_seconds "
+                "FROM entries ORDER BY id"
+            ).fetchall()
+        for row in rows:
+            yield Entry(*row)
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock, self._errors("reading statistics"):
+            count, size = self._conn().execute(
+                "SELECT count(*), coalesce(sum(size), 0) FROM entries"
+            ).fetchone()
+        on_disk = 0
+        for suffix in ("", "-wal"):
+            with contextlib.suppress(OSError):
+                on_disk += os.path.getsize(self.path + suffix)
+        return {"location": self.path, "entries": count, "bytes": size, "file_bytes": on_disk}
+
+    def file_digest(self, path: str, signature: tuple[int, ...]) -> bytes | None:
+        with self._lock, self._errors("reading a file digest"):
+            row = self._conn().execute(
+                "SELECT digest FROM files WHERE path = ? AND signature = ?",
+                (path, _signature(signature)),
+            ).fetchone()
+        return row[0] if row else None
+
+    def remember_files(self, rows: Sequence[tuple[str, tuple[int, ...], bytes]]) -> None:
+        if not rows or self.readonly:
+            return
+        with self._transaction("remembering file digests") as conn:
+            conn.executemany(
+                "INSERT OR REPLACE INTO files (path, signature, digest) VALUES (?, ?, ?)",
+                [(p, _signature(s), d) for p, s, d in rows],
+            )
+
+    def remember_model(self, digest: str, description: str) -> None:
+        if self.readonly:
+            return
+        with self._transaction("recording the model identity") as conn:
+            conn.execute(
+                "INSERT OR IGNORE INTO models (digest, description, first_seen) VALUES (?, ?, ?)",
+                (digest, description, time.time()),
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn_obj is not None and self._conn_pid == os.getpid():
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn_obj.close()
+            self._conn_obj = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"directory": self.directory, "readonly": self.readonly,
+                "durable": self._durable, "timeout": self._timeout}  # fmt: skip
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["directory"], readonly=state["readonly"],  # type: ignore[misc]
+                      durable=state["durable"], timeout=state["timeout"])
+
+
+def _signature(signature: tuple[int, ...]) -> str:
+    return ":".join(map(str, signature))
