@@ -1,0 +1,18 @@
+"""The examples the README points to run as documented."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quickstart_second_run_is_served_from_the_cache():
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py")],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    first, second = (re.search(rf"{name} run: .* (\d+) hits, +(\d+) misses, model asked (\d+) times", out)
+                     for name in ("first", "second"))
+    assert first and second, out
+    assert first.groups() == ("0", "50", "50")
+    assert second.groups() == ("50", "0", "0")
