@@ -9,15 +9,20 @@ Rules, pinned by the golden tests (changing one is a key-format version bump):
 
 * ``None``, ``bool`` (``True`` is not ``1``), ``int``; a ``float`` equal to an integer
   hashes as that integer (``temperature: 0`` and ``0.0`` are the same setting), other
-  floats by their exact round-trip ``repr``; ``str`` as UTF-8; ``bytes`` as they are.
+  floats by their exact round-trip ``repr``; ``str`` as UTF-8; ``bytes`` as they are;
+  ``complex``, ``slice``, ``range`` and ``...`` by value (code constants use them).
 * ``list`` and ``tuple`` are both sequences; ``dict`` keys are sorted by their canonical
   bytes, so insertion order never matters; sets likewise.
 * PIL images by mode, size, palette and pixels; numpy arrays and torch tensors by dtype,
   shape and values (C order; device, strides and ``requires_grad`` do not count).
 * In a *media* position (a visual, a message's media part), a string or ``Path`` naming
-  an existing regular file is hashed by the file's content (and suffix), not its name.
+  an existing regular file is hashed by the file's content (and suffix), not its name;
+  a message's text (a ``{"type": "text"}`` part, and the ``role``, ``type``, ``text``
+  and string ``content`` entries of any mapping) stays text.
 * Callables by a stable code identity: module, qualified name, bytecode, constants,
-  defaults, closure values and ``functools.partial`` arguments. Never ``repr`` or ``id``.
+  defaults, closure values and ``functools.partial`` arguments (a function in its own
+  closure refers back to itself); a classmethod by its class, a builtin bound to an
+  object by that object. Never ``repr`` or ``id``.
 * Anything else raises :class:`Unfingerprintable`; the proxy then lets that request
   bypass the cache rather than guess.
 
@@ -117,6 +122,9 @@ class Encoder:
 
     def __init__(self, files: FileDigests | None = None) -> None:
         self.files = files if files is not None else FileDigests()
+        # Functions being encoded, outermost first: a recursive closure (a nested function
+        # that calls itself) refers back to its position here instead of recursing forever.
+        self._functions: list[int] = []
 
     def digest(self, value: Any, *, media: bool = False) -> bytes:
         """The 16-byte digest of ``value``; ``media`` hashes file paths by content."""
@@ -125,12 +133,20 @@ class Encoder:
     def encode(self, value: Any, *, media: bool = False) -> bytes:
         """The canonical bytes of ``value``."""
         out = bytearray()
-        self._put(out, value, media)
+        self.write(out, value, media=media)
         return bytes(out)
 
     def write(self, out: bytearray, value: Any, *, media: bool = False) -> None:
-        """Append the canonical bytes of ``value`` to ``out``."""
-        self._put(out, value, media)
+        """Append the canonical bytes of ``value`` to ``out``.
+
+        Raises:
+            Unfingerprintable: a value of an unsupported type, or nested too deeply (a
+                container that contains itself).
+        """
+        try:
+            self._put(out, value, media)
+        except RecursionError:
+            raise Unfingerprintable("the value is nested too deeply (or contains itself)") from None
 
     # The dispatch order matters: bool before int, str before sequences, and exact
     # types first because they are by far the most common (a text request is only these).
@@ -169,12 +185,15 @@ class Encoder:
         for k, item in v.items():
             kb = bytearray()
             self._put(kb, k, False)
-            items.append((bytes(kb), item))
+            # A message's role and text are what the model reads, never file names, even
+            # where the rest of the mapping is media: {"role": "user", "content": "a.jpg"}.
+            text = media and type(k) is str and k in _TEXT_KEYS and isinstance(item, str)
+            items.append((bytes(kb), item, media and not text))
         items.sort(key=lambda kv: kv[0])
         out += b"d%d:" % len(items)
-        for kb, item in items:
-            out += kb
-            self._put(out, item, media)
+        for key_bytes, item, item_media in items:
+            out += key_bytes
+            self._put(out, item, item_media)
 
     def _put_other(self, out: bytearray, v: Any, media: bool) -> None:
         if isinstance(v, bool):
@@ -190,9 +209,24 @@ class Encoder:
         elif isinstance(v, str):
             self._put(out, str(v), media)
         elif isinstance(v, (bytes, bytearray, memoryview)):
-            data = memoryview(v).cast("B") if isinstance(v, memoryview) else v
+            data: Any = v
+            if isinstance(v, memoryview):
+                # cast() refuses strided and empty views; those are small or rare: copy them.
+                data = v.cast("B") if v.c_contiguous and v.nbytes else v.tobytes()
             out += b"b%d:" % len(data)
             out += digest_bytes(data)
+        elif v is Ellipsis:
+            out += b"."
+        elif isinstance(v, complex):
+            out += b"j"
+            _put_float(out, v.real)
+            _put_float(out, v.imag)
+        elif isinstance(v, slice):
+            out += b"x"
+            self._put(out, (v.start, v.stop, v.step), media)
+        elif isinstance(v, range):
+            out += b"R"
+            self._put(out, (v.start, v.stop, v.step), media)
         elif isinstance(v, PurePath):
             self._put(out, os.fspath(v), media)
         elif isinstance(v, (list, tuple)):
@@ -209,7 +243,7 @@ class Encoder:
             out += _image_digest(v)
         elif _is_numpy_array(v):
             out += b"A"
-            out += _array_digest(v)
+            out += _array_digest(v, self, media)
         elif _is_torch_tensor(v):
             out += b"A"
             out += _tensor_digest(v)
@@ -221,7 +255,7 @@ class Encoder:
             fields = {f.name: getattr(v, f.name) for f in dataclasses.fields(v)}
             self._put_mapping(out, fields, media)
         elif callable(v):
-            out += b"F"
+            out += b"K"
             self._put_callable(out, v)
         else:
             raise Unfingerprintable(
@@ -247,25 +281,41 @@ class Encoder:
             self._put(out, fn.args, False)
             self._put(out, fn.keywords, False)
         elif isinstance(fn, types.MethodType):
+            # A classmethod is bound to its class: which class it is decides what it does.
+            owner = fn.__self__ if isinstance(fn.__self__, type) else type(fn.__self__)
             out += b"m"
-            self._put(out, _qualified(type(fn.__self__)), False)
+            self._put(out, _qualified(owner), False)
             self._put_callable(out, fn.__func__)
         elif isinstance(fn, types.FunctionType):
-            out += b"f"
-            self._put(out, f"{fn.__module__}.{fn.__qualname__}", False)
-            self._put_code(out, fn.__code__)
-            self._put(out, fn.__defaults__ or (), False)
-            self._put(out, fn.__kwdefaults__ or {}, False)
-            cells = []
-            for cell in fn.__closure__ or ():
-                try:
-                    cells.append(cell.cell_contents)
-                except ValueError:  # an empty cell: a name not bound yet
-                    cells.append(None)
-            self._put(out, cells, False)
+            if id(fn) in self._functions:
+                out += b"r%d;" % self._functions.index(id(fn))
+                return
+            self._functions.append(id(fn))
+            try:
+                out += b"f"
+                self._put(out, f"{fn.__module__}.{fn.__qualname__}", False)
+                self._put_code(out, fn.__code__)
+                self._put(out, fn.__defaults__ or (), False)
+                self._put(out, fn.__kwdefaults__ or {}, False)
+                cells = []
+                for cell in fn.__closure__ or ():
+                    try:
+                        cells.append(cell.cell_contents)
+                    except ValueError:  # an empty cell: a name not bound yet
+                        cells.append(None)
+                self._put(out, cells, False)
+            finally:
+                self._functions.pop()
         elif isinstance(fn, (types.BuiltinFunctionType, type)):
             out += b"q"
             self._put(out, f"{getattr(fn, '__module__', None)}.{fn.__qualname__}", False)
+            # A builtin bound to an object ({}.get, "x".join) depends on that object.
+            bound = getattr(fn, "__self__", None)
+            if isinstance(fn, types.BuiltinFunctionType) and bound is not None and not isinstance(
+                bound, types.ModuleType
+            ):
+                out += b"@"
+                self._put(out, bound, False)
         else:
             raise Unfingerprintable(f"cannot fingerprint the callable {_qualified(type(fn))}")
 
@@ -282,6 +332,9 @@ class Encoder:
             else:
                 consts.append(c)
         self._put(out, consts, False)
+
+
+_TEXT_KEYS = frozenset({"role", "type", "text", "content"})
 
 
 def _put_float(out: bytearray, v: float) -> None:
@@ -324,24 +377,33 @@ def _image_digest(img: Any) -> bytes:
     if img.mode in ("P", "PA"):
         palette = img.getpalette()
         h.update(bytes(palette or ()))
+    # A transparent colour (palette index or RGB value) changes what convert("RGBA") gives.
+    transparency = img.info.get("transparency")
+    if transparency is not None:
+        h.update(b"t" + Encoder().encode(transparency))
     h.update(img.tobytes())
     return h.digest()
 
 
-def _array_digest(a: Any) -> bytes:
+def _array_digest(a: Any, enc: Encoder, media: bool) -> bytes:
     import numpy as np
 
     if a.dtype.hasobject:
-        enc = Encoder()
+        # Items are Python objects (ragged rows are arrays themselves): encode each one.
         h = xxhash.xxh3_128(f"O:{a.shape}:".encode())
         for item in a.ravel(order="C"):
-            h.update(enc.digest(item.item() if hasattr(item, "item") else item))
+            h.update(enc.digest(item, media=media))
         return h.digest()
+    shape = a.shape  # before ascontiguousarray, which turns a 0-d array into shape (1,)
     a = np.ascontiguousarray(a)
     # dtype.str names the byte order too ("<f4"), so equal values in another byte order
-    # count as another input: a model reading raw bytes would see them differently.
-    h = xxhash.xxh3_128(f"{a.dtype.str}:{a.shape}:".encode())
-    h.update(memoryview(a).cast("B") if a.ndim else a.tobytes())
+    # count as another input: a model reading raw bytes would see them differently. A
+    # structured dtype's str is only its size ("|V8"): its fields must be named as well.
+    dtype = a.dtype.str if a.dtype.fields is None else repr(a.dtype.descr)
+    h = xxhash.xxh3_128(f"{dtype}:{shape}:".encode())
+    # A byte view of the contiguous buffer: no copy, and it works for every dtype
+    # (datetime64 and structured arrays refuse the buffer protocol) and for empty arrays.
+    h.update(a.reshape(-1).view(np.uint8).data)
     return h.digest()
 
 

@@ -18,11 +18,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MethodType
 from typing import Any
 
 from .fingerprint import Encoder, Unfingerprintable, digest_bytes
 from .identity import ModelIdentity
-from .requests import DOC, MEDIA, RESOLVE, DocumentUnavailable, Resolver, RequestView, view
+from .requests import DOC, MEDIA, RESOLVE, DocumentUnavailable, RequestView, Resolver, view
 
 __all__ = ["KEY_SCHEMA", "KeyBuilder", "RequestKey", "is_sampling"]
 
@@ -78,12 +79,18 @@ class KeyBuilder:
         self._resolver = Resolver(model)
         self._encoder = encoder
         self._sampling = sampling
-        self._warn = warn or (lambda kind, message: log.warning(message))
+        self._warn_to = warn or (lambda kind, message: log.warning(message))
+        self._warned: set[str] = set()
         self._occurrences: dict[bytes, int] = {}
+
+    def _warn(self, kind: str, message: str) -> None:
+        if kind not in self._warned:
+            self._warned.add(kind)
+            self._warn_to(kind, message)
 
     def keys(self, method: str, requests: Sequence[Any]) -> list[RequestKey]:
         """One key per request, in order; the same object listed k times is k occurrences."""
-        resolved: dict[tuple[int, Any], bytes] = {}  # (callable, document) -> digest, this call
+        resolved: dict[tuple[Any, Any], bytes] = {}  # (callable, document) -> digest, this call
         base: dict[int, tuple[bytes | None, RequestView | None, bool, str | None]] = {}
         out = []
         prefix = self._prefix + method.encode() + b"\0"
@@ -101,7 +108,7 @@ class KeyBuilder:
         return out
 
     def _base(
-        self, prefix: bytes, method: str, request: Any, resolved: dict[tuple[int, Any], bytes]
+        self, prefix: bytes, method: str, request: Any, resolved: dict[tuple[Any, Any], bytes]
     ) -> tuple[bytes | None, RequestView | None, bool, str | None]:
         try:
             rview = view(method, request)
@@ -137,14 +144,21 @@ class KeyBuilder:
             return None, rview, False, str(exc)
         except _ResolveFailed as exc:
             return None, rview, False, str(exc)
+        except Exception as exc:  # a value that breaks a fingerprint rule must not break the run
+            self._warn(
+                "fingerprint-error",
+                f"lmms-cache: a {method} request bypasses the cache: fingerprinting it raised "
+                f"{type(exc).__name__}: {exc}",
+            )
+            return None, rview, False, f"{type(exc).__name__}: {exc}"
         sampled = self._sampling if self._sampling is not None else is_sampling(rview.gen_kwargs, rview.repeats)
         return digest_bytes(out), rview, sampled, None
 
-    def _resolved(self, fn: Any, rview: RequestView, memo: dict[tuple[int, Any], bytes]) -> bytes | None:
+    def _resolved(self, fn: Any, rview: RequestView, memo: dict[tuple[Any, Any], bytes]) -> bytes | None:
         address = rview.address
         if address is None:
             return None
-        memo_key = (id(fn), address)
+        memo_key = (_callable_id(fn), address)
         found = memo.get(memo_key)
         if found is not None:
             return found
@@ -171,7 +185,7 @@ class KeyBuilder:
         memo[memo_key] = d
         return d
 
-    def _document(self, rview: RequestView, memo: dict[tuple[int, Any], bytes]) -> bytes | None:
+    def _document(self, rview: RequestView, memo: dict[tuple[Any, Any], bytes]) -> bytes | None:
         address = rview.address
         if address is None:
             return None
@@ -188,3 +202,14 @@ class KeyBuilder:
 
 class _ResolveFailed(Exception):
     pass
+
+
+def _callable_id(fn: Any) -> Any:
+    """The identity of a callable for one call's memo.
+
+    lmms-eval puts ``self.doc_to_visual`` in every Instance, and each attribute access makes
+    a new bound-method object: the pair (object, function) is what stays the same.
+    """
+    if isinstance(fn, MethodType):
+        return (id(fn.__self__), id(fn.__func__))
+    return id(fn)

@@ -19,7 +19,8 @@ lmms-eval 0.7.3 layouts (``.args``):
 * simple ``generate_until``: ``(context, gen_kwargs, doc_to_visual, doc_id, task, split)``
 * chat ``generate_until``: ``(context, doc_to_messages, gen_kwargs, doc_id, task, split)``
 * ``generate_until_multi_round``:
-  ``(context, gen_kwargs, doc_to_visual, doc_to_text, doc_id, task, split)``
+  ``(context, gen_kwargs, doc_to_visual, doc_to_text, doc_id, task, split)``, or the chat
+  layout ``(context, doc_to_messages, gen_kwargs, doc_id, task, split)``
 * ``loglikelihood``: ``(context, doc_to_target | continuation, doc_to_visual, doc_id, task, split)``
 
 lm-eval: ``(context, gen_kwargs[, {"visual": [...]}])``, ``(context, continuation)``,
@@ -115,6 +116,16 @@ def view(method: str, request: Any) -> RequestView:
         gen = args[1]
     elif tail_ok and n == 6 and method == "generate_until" and callable(args[1]) and isinstance(args[2], Mapping):
         parts = [Part("context", args[0], VALUE), Part("messages", args[1], RESOLVE), Part("gen_kwargs", args[2], VALUE)]
+        gen = args[2]
+    elif tail_ok and n == 6 and method == "generate_until_multi_round" and callable(args[1]) and isinstance(
+        args[2], Mapping
+    ):
+        # Chat-layout multi-round: the model calls doc_to_messages once per round (with a
+        # round index), so the messages function counts by code and the document by content.
+        parts = [
+            Part("context", args[0], VALUE), Part("messages", args[1], VALUE), Part("gen_kwargs", args[2], VALUE),
+            Part("doc", None, DOC),
+        ]  # fmt: skip
         gen = args[2]
     elif tail_ok and n == 7 and method == "generate_until_multi_round" and isinstance(args[1], Mapping):
         parts = [

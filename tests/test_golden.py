@@ -1,0 +1,119 @@
+"""Golden keys: the key format, pinned.
+
+CHANGING ANY VALUE BELOW IS A KEY-FORMAT VERSION BUMP. Every cache written so far would
+silently stop hitting (or, worse, a changed rule could make two different requests share
+an entry). A change here must come with a new ``KEY_SCHEMA`` name in ``key.py`` and a
+migration or an explicit note in the CHANGELOG; never just paste the new values.
+
+The requests avoid callables' code identity on purpose (bytecode differs between Python
+versions); callables here are resolved on their documents and keyed by what they return.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from lmms_eval.api.instance import Instance
+from PIL import Image
+
+from lmms_cache.fingerprint import Encoder, digest
+from lmms_cache.identity import identify
+from lmms_cache.key import KEY_SCHEMA, KeyBuilder
+
+GOLDEN = {
+    "schema": "lmms-cache/key/1",
+    "identity": "a355f30b878c6d5393bff1311338c7cb",
+    "value": "c6c88ba3f912a675d03e7d2ec4ad5226",
+    "text": "fdf5c7cbbc25fd6c8feb8036e364cfc5",
+    "gen_kwargs": "4cf56bf3584aa82cdd5dabc95a67cba3",
+    "image": "70655fa4f4ce7de0652052d82bc992b9",
+    "numpy": "6581a7862b562c05456b53c6f2247137",
+    "loglikelihood": "c2f4048e2f7a305be6373d10adf744fe",
+    "sampled_2nd": "76eb1f94719fc1e06f908b8b086b9a42",
+    "lm_eval_tuple": "b58edab206b87df0c78aac55170713af",
+}
+
+
+class _GoldenModel:
+    """The model the keys are built for; its identity is given by model_id."""
+
+    def __init__(self) -> None:
+        self.task_dict = {"golden": {"test": [_document()]}}
+
+
+def _document() -> dict[str, Any]:
+    img = Image.new("RGB", (8, 4))
+    img.putdata([(x * 32, y * 64, (x * y * 8) % 256) for y in range(4) for x in range(8)])
+    return {"image": img, "question": "What colour is the corner?"}
+
+
+def _visual(doc: dict[str, Any]) -> list[Any]:
+    return [doc["image"]]
+
+
+def _instance(request_type: str, args: tuple[Any, ...], repeats: int = 1) -> Instance:
+    return Instance(request_type=request_type, arguments=args, idx=0,
+                    metadata={"task": "golden", "doc_id": 0, "repeats": repeats, "split": "test"})  # fmt: skip
+
+
+def compute() -> dict[str, str]:
+    """The golden keys, hex, computed from scratch."""
+    import numpy as np
+
+    model = _GoldenModel()
+    identity = identify(model, model_id="golden-model")
+
+    def keys(method: str, requests: list[Any]) -> list[str]:
+        kb = KeyBuilder(identity, model, Encoder())
+        return [rk.key.hex() for rk in kb.keys(method, requests)]
+
+    greedy = {"max_new_tokens": 32, "temperature": 0}
+    settings = {"max_new_tokens": 64, "temperature": 0.0, "top_p": 0.95, "until": ["\n\n"],
+                "system_prompt": "Be brief.", "image_aspect_ratio": "pad", "do_sample": False}  # fmt: skip
+    sampled = _instance("generate_until", ("Tell a story.", {"do_sample": True, "temperature": 0.8},
+                                           None, 0, "golden", "test"))  # fmt: skip
+    waveform = np.arange(16, dtype=np.float32).reshape(4, 4) / 7
+    return {
+        "schema": KEY_SCHEMA.decode(),
+        "identity": identity.digest,
+        "value": digest({"b": [1, 2.5, True, None, "x", b"y"], "a": {"nested": (0.0, -7)}}).hex(),
+        "text": keys("generate_until", [_instance("generate_until", ("Describe.", greedy, None, 0, "golden", "test"))])[0],
+        "gen_kwargs": keys("generate_until", [_instance("generate_until", ("Describe.", settings, None, 0, "golden", "test"))])[0],
+        "image": keys("generate_until", [_instance("generate_until", ("Describe the image.", greedy, _visual, 0, "golden", "test"))])[0],
+        "numpy": keys("generate_until", [("Transcribe.", {"until": ["\n"]}, {"audio": [waveform]})])[0],
+        "loglikelihood": keys("loglikelihood", [_instance("loglikelihood", ("Answer:", " B", _visual, 0, "golden", "test"))])[0],
+        "sampled_2nd": keys("generate_until", [sampled, sampled])[1],
+        "lm_eval_tuple": keys("loglikelihood", [("Question: 2+2?\nAnswer:", " 4")])[0],
+    }  # fmt: skip
+
+
+def test_golden_keys_in_this_process():
+    assert compute() == GOLDEN
+
+
+def test_golden_keys_in_another_process_with_another_hash_seed():
+    here = Path(__file__).parent
+    env = {**os.environ, "PYTHONHASHSEED": "4242", "PYTHONPATH": os.pathsep.join(
+        [str(here), *filter(None, [os.environ.get("PYTHONPATH")])])}  # fmt: skip
+    code = "import json, test_golden; print(json.dumps(test_golden.compute()))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == GOLDEN
+
+
+def test_pinned_sample_is_the_second_occurrence():
+    first = compute_first_sample()
+    assert first != GOLDEN["sampled_2nd"]
+    assert len(set(GOLDEN.values())) == len(GOLDEN)
+
+
+def compute_first_sample() -> str:
+    model = _GoldenModel()
+    kb = KeyBuilder(identify(model, model_id="golden-model"), model, Encoder())
+    sampled = _instance("generate_until", ("Tell a story.", {"do_sample": True, "temperature": 0.8},
+                                           None, 0, "golden", "test"))  # fmt: skip
+    return kb.keys("generate_until", [sampled])[0].key.hex()

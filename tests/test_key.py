@@ -1,0 +1,441 @@
+"""Request keys: what the model is asked decides the key, never where the request came from."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import io
+import logging
+import random
+from typing import Any
+
+import numpy as np
+import pytest
+from lmms_eval.api.instance import Instance
+from PIL import Image
+
+from fakes import FakeModel, gen_request, image, ll_request, task_dict, visuals
+from lmms_cache.fingerprint import Encoder
+from lmms_cache.identity import identify
+from lmms_cache.key import KeyBuilder, is_sampling
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def model_with_docs(n: int = 4) -> FakeModel:
+    model = FakeModel()
+    model.task_dict = task_dict(n)
+    return model
+
+
+def builder(model: Any = None, model_id: str = "key-tests", warnings: list | None = None, **kw: Any) -> KeyBuilder:
+    model = model_with_docs() if model is None else model
+    warn = None if warnings is None else (lambda kind, message: warnings.append((kind, message)))
+    return KeyBuilder(identify(model, model_id=model_id), model, Encoder(), warn=warn, **kw)
+
+
+def key_of(kb: KeyBuilder, method: str, request: Any) -> bytes | None:
+    return kb.keys(method, [request])[0].key
+
+
+def instance(request_type: str, args: tuple, doc_id: int = 0, task: str = "t", split: str = "test",
+             repeats: int = 1) -> Instance:  # fmt: skip
+    return Instance(request_type=request_type, arguments=args, idx=0,
+                    metadata={"task": task, "doc_id": doc_id, "repeats": repeats, "split": split})  # fmt: skip
+
+
+def messages(doc: dict) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image", "url": doc["image"]},
+                                         {"type": "text", "text": doc["question"]}]}]  # fmt: skip
+
+
+def chat_request(doc_id: int, gen: dict | None = None, context: str = "ctx", task: str = "t") -> Instance:
+    gen = {"max_new_tokens": 16} if gen is None else gen
+    return instance("generate_until", (context, messages, gen, doc_id, task, "test"), doc_id=doc_id, task=task)
+
+
+def doc_to_text(doc, round_idx=0, lmms_eval_specific_kwargs=None):
+    return f"{doc['question']} (round {round_idx})"
+
+
+def multi_round_request(doc_id: int, step: Any = None) -> Instance:
+    step = functools.partial(doc_to_text, lmms_eval_specific_kwargs={"pre": ""}) if step is None else step
+    args = ("ctx", {"max_new_tokens": 8}, visuals, step, doc_id, "t", "test")
+    return instance("generate_until_multi_round", args, doc_id=doc_id)
+
+
+def target(doc: dict) -> str:
+    return " " + doc["question"]
+
+
+def recolor(model: FakeModel, doc_id: int, color=(1, 2, 3)) -> None:
+    model.task_dict["t"]["test"][doc_id]["image"] = image(color)
+
+
+# -- request layouts ----------------------------------------------------------------------
+
+
+def test_simple_request_is_keyed_by_content():
+    kb = builder()
+    k = key_of(kb, "generate_until", gen_request(0))
+    assert isinstance(k, bytes) and len(k) == 16
+    assert key_of(kb, "generate_until", gen_request(0)) == k
+    assert key_of(kb, "generate_until", gen_request(0, context="other")) != k
+
+
+def test_chat_request_keys_the_messages_content():
+    model = model_with_docs()
+    kb = builder(model)
+    k = key_of(kb, "generate_until", chat_request(0))
+    assert key_of(kb, "generate_until", chat_request(0)) == k
+    assert key_of(kb, "generate_until", chat_request(0, gen={"max_new_tokens": 17})) != k
+    recolor(model, 0)
+    assert key_of(kb, "generate_until", chat_request(0)) != k
+
+
+def test_chat_message_text_is_the_question():
+    model = model_with_docs()
+    kb = builder(model)
+    k = key_of(kb, "generate_until", chat_request(0))
+    model.task_dict["t"]["test"][0]["question"] = "another question"
+    assert key_of(kb, "generate_until", chat_request(0)) != k
+
+
+def test_multi_round_request_keys_document_and_step():
+    model = model_with_docs()
+    kb = builder(model)
+    method = "generate_until_multi_round"
+    k = key_of(kb, method, multi_round_request(0))
+    assert key_of(kb, method, multi_round_request(0)) == k
+    other_step = functools.partial(doc_to_text, lmms_eval_specific_kwargs={"pre": "Q: "})
+    assert key_of(kb, method, multi_round_request(0, step=other_step)) != k
+    # the step function reads the whole document: a field no visual shows still counts
+    model.task_dict["t"]["test"][0]["question"] = "changed"
+    assert key_of(kb, method, multi_round_request(0)) != k
+
+
+def test_chat_layout_multi_round_keys_the_document_content():
+    model = model_with_docs()
+    model.task_dict["t"]["test"][1] = copy.deepcopy(model.task_dict["t"]["test"][0])
+    kb = builder(model)
+    method = "generate_until_multi_round"
+    first = key_of(kb, method, chat_request(0))
+    assert key_of(kb, method, chat_request(1)) == first  # same content, other doc_id
+    recolor(model, 0)
+    assert key_of(kb, method, chat_request(0)) != first
+
+
+def test_loglikelihood_with_target_callable():
+    model = model_with_docs()
+    kb = builder(model)
+
+    def request(doc_id, fn=target):
+        return instance("loglikelihood", ("q", fn, visuals, doc_id, "t", "test"), doc_id=doc_id)
+
+    k = key_of(kb, "loglikelihood", request(0))
+    assert key_of(kb, "loglikelihood", request(0)) == k
+    model.task_dict["t"]["test"][0]["question"] = "another answer"
+    assert key_of(kb, "loglikelihood", request(0)) != k
+
+
+def test_loglikelihood_with_string_continuation():
+    kb = builder()
+    k = key_of(kb, "loglikelihood", ll_request(0, " A"))
+    assert key_of(kb, "loglikelihood", ll_request(0, " A")) == k
+    assert key_of(kb, "loglikelihood", ll_request(0, " B")) != k
+
+
+def test_lm_eval_tuples():
+    kb = builder()
+    gen = {"until": ["\n"], "do_sample": False}
+    k_gen = key_of(kb, "generate_until", ("hi", gen))
+    assert key_of(kb, "generate_until", ("hi", dict(gen))) == k_gen
+    assert key_of(kb, "generate_until", ("hi", {**gen, "until": ["."]})) != k_gen
+    k_ll = key_of(kb, "loglikelihood", ("hi", " there"))
+    assert key_of(kb, "loglikelihood", ("hi", " where")) != k_ll
+    k_roll = key_of(kb, "loglikelihood_rolling", ("some text",))
+    assert key_of(kb, "loglikelihood_rolling", ("other text",)) != k_roll
+    # acc_mutual_info's unconditional requests
+    assert key_of(kb, "loglikelihood", ("", " A")) != key_of(kb, "loglikelihood", ("", " B"))
+
+
+def test_lm_eval_multimodal_tuple_keys_pixels():
+    kb = builder()
+    gen = {"until": ["\n"]}
+    k = key_of(kb, "generate_until", ("describe", gen, {"visual": [image((9, 9, 9))]}))
+    assert key_of(kb, "generate_until", ("describe", gen, {"visual": [image((9, 9, 9))]})) == k
+    assert key_of(kb, "generate_until", ("describe", gen, {"visual": [image((9, 9, 8))]})) != k
+    assert key_of(kb, "generate_until", ("describe", gen, {"visual": []})) != k
+
+
+def test_lm_eval_visual_files_hashed_by_content(tmp_path):
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    buf = io.BytesIO()
+    image((5, 6, 7)).save(buf, format="PNG")
+    a.write_bytes(buf.getvalue())
+    b.write_bytes(buf.getvalue())
+    kb = builder()
+    gen = {"until": ["\n"]}
+    assert key_of(kb, "generate_until", ("d", gen, {"visual": [str(a)]})) == key_of(
+        kb, "generate_until", ("d", gen, {"visual": [str(b)]})
+    )
+
+
+# -- gen_kwargs ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"system_prompt": "You are terse."},
+        {"image_aspect_ratio": "pad"},
+        {"max_new_tokens": 17},
+        {"until": ["\n\n"]},
+        {"temperature": 0, "num_beams": 2},
+    ],
+)
+def test_every_gen_kwargs_entry_counts(change):
+    kb = builder()
+    base = {"max_new_tokens": 16, "temperature": 0}
+    assert key_of(kb, "generate_until", gen_request(0, gen_kwargs=base)) != key_of(
+        kb, "generate_until", gen_request(0, gen_kwargs={**base, **change})
+    )
+
+
+def test_equal_settings_in_another_spelling_share_a_key():
+    kb = builder()
+    a = gen_request(0, gen_kwargs={"temperature": 0, "max_new_tokens": 16})
+    b = gen_request(0, gen_kwargs={"max_new_tokens": 16, "temperature": 0.0})
+    assert key_of(kb, "generate_until", a) == key_of(kb, "generate_until", b)
+
+
+def test_key_is_computed_before_the_model_mutates_gen_kwargs():
+    model = model_with_docs()
+    kb = builder(model)
+    gen = {"temperature": 0}
+    request = gen_request(0, gen_kwargs=gen)
+    stored = kb.keys("generate_until", [request])[0]
+    before = stored.key
+    model.generate_until([request])  # the model adds max_new_tokens to the caller's dict
+    assert gen == {"temperature": 0, "max_new_tokens": 128}
+    assert stored.key == before
+    assert key_of(kb, "generate_until", request) != before
+    del gen["max_new_tokens"]
+    assert key_of(kb, "generate_until", request) == before
+
+
+# -- the document address -----------------------------------------------------------------
+
+
+def test_address_not_in_key_when_documents_resolve():
+    model = model_with_docs()
+    model.task_dict["t"]["test"][3] = copy.deepcopy(model.task_dict["t"]["test"][0])
+    model.task_dict["other_task"] = {"val": [copy.deepcopy(model.task_dict["t"]["test"][0])]}
+    kb = builder(model)
+    k = key_of(kb, "generate_until", gen_request(0))
+    assert key_of(kb, "generate_until", gen_request(3, context="q0")) == k
+    assert key_of(kb, "generate_until", gen_request(0, task="other_task", split="val")) == k
+    # a document with other pixels is another question
+    assert key_of(kb, "generate_until", gen_request(1, context="q0")) != k
+
+
+def test_changed_image_in_document_changes_the_key():
+    model = model_with_docs()
+    kb = builder(model)
+    k = key_of(kb, "generate_until", gen_request(2))
+    recolor(model, 2)
+    assert key_of(kb, "generate_until", gen_request(2)) != k
+
+
+def test_without_task_dict_the_address_joins_the_key_and_one_warning():
+    warnings: list = []
+    kb = builder(FakeModel(), warnings=warnings)
+    requests = [gen_request(i, context="same") for i in range(3)]
+    keys = [rk.key for rk in kb.keys("generate_until", requests)]
+    keys += [rk.key for rk in kb.keys("generate_until", [gen_request(0, context="same")])]
+    assert None not in keys
+    assert len(set(keys[:3])) == 3
+    assert keys[3] == keys[0]
+    assert [kind for kind, _ in warnings] == ["no-document"]
+
+
+def test_without_task_dict_the_default_warning_is_logged_once(caplog):
+    kb = builder(FakeModel())
+    with caplog.at_level(logging.WARNING, logger="lmms_cache"):
+        kb.keys("generate_until", [gen_request(i) for i in range(4)])
+        kb.keys("generate_until", [gen_request(9)])
+    assert len([r for r in caplog.records if "task_dict" in r.getMessage()]) == 1
+
+
+# -- callables on the document ------------------------------------------------------------
+
+
+def test_doc_to_visual_that_raises_bypasses():
+    def broken(doc):
+        raise KeyError("image")
+
+    warnings: list = []
+    kb = builder(warnings=warnings)
+    rk = kb.keys("generate_until", [gen_request(0, doc_to_visual=broken), gen_request(1)])
+    assert rk[0].key is None and "KeyError" in rk[0].bypass_reason
+    assert rk[1].key is not None
+    assert [kind for kind, _ in warnings] == ["resolve-failed"]
+
+
+def test_unreadable_image_bypasses_instead_of_failing_the_call():
+    buf = io.BytesIO()
+    image((1, 2, 3), size=(64, 64)).save(buf, format="PNG")
+    truncated = buf.getvalue()[:60]
+
+    def lazy_visual(doc):
+        return [Image.open(io.BytesIO(truncated))]  # decodes only when read
+
+    kb = builder(warnings=[])
+    rk = kb.keys("generate_until", [gen_request(0, doc_to_visual=lazy_visual), gen_request(1)])
+    assert rk[0].key is None
+    assert rk[1].key is not None
+
+
+def test_unfingerprintable_setting_bypasses_with_a_warning():
+    class Opaque:
+        pass
+
+    warnings: list = []
+    kb = builder(warnings=warnings)
+    rk = kb.keys("generate_until", [gen_request(0, gen_kwargs={"stopper": Opaque()})])
+    assert rk[0].key is None
+    assert [kind for kind, _ in warnings] == ["unfingerprintable"]
+
+
+def test_callable_resolved_once_per_document_per_call():
+    calls = []
+
+    def counted(doc):
+        calls.append(doc["question"])
+        return [doc["image"]]
+
+    kb = builder()
+
+    def request(choice):
+        return instance("loglikelihood", ("q0", f" {choice}", counted, 0, "t", "test"))
+
+    kb.keys("loglikelihood", [request(c) for c in "ABCD"])
+    assert calls == ["q0"]
+    kb.keys("loglikelihood", [request(c) for c in "ABCD"])
+    assert calls == ["q0", "q0"]  # nothing kept across calls
+
+
+def test_bound_method_resolved_once_per_document_per_call():
+    """lmms-eval puts ``task.doc_to_visual`` in each Instance: a new bound method each time."""
+
+    class Task:
+        def __init__(self):
+            self.calls = 0
+
+        def doc_to_visual(self, doc):
+            self.calls += 1
+            return [doc["image"]]
+
+    task = Task()
+    requests = [instance("loglikelihood", ("q0", f" {c}", task.doc_to_visual, 0, "t", "test")) for c in "ABCD"]
+    assert requests[0].args[2] is not requests[1].args[2]
+    builder().keys("loglikelihood", requests)
+    assert task.calls == 1
+
+
+def test_random_state_unchanged_by_keying():
+    torch = pytest.importorskip("torch")
+
+    def noisy(doc):
+        random.random()
+        np.random.rand(3)
+        torch.rand(3)
+        return [doc["image"]]
+
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    builder().keys("generate_until", [gen_request(i, doc_to_visual=noisy) for i in range(3)])
+    assert random.getstate() == py_state
+    after = np.random.get_state()
+    assert after[0] == np_state[0] and np.array_equal(after[1], np_state[1]) and after[2:] == np_state[2:]
+    assert torch.equal(torch.get_rng_state(), torch_state)
+
+
+# -- sampling -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("gen", "repeats"),
+    [({"do_sample": True}, 1), ({"temperature": 0.7}, 1), ({"n": 2}, 1), ({"temperature": 0}, 2)],
+)
+def test_sampled_occurrences_get_distinct_keys_and_replay(gen, repeats):
+    def run(kb):
+        first = kb.keys("generate_until", [gen_request(0, gen_kwargs=dict(gen), repeats=repeats),
+                                           gen_request(0, gen_kwargs=dict(gen), repeats=repeats)])  # fmt: skip
+        second = kb.keys("generate_until", [gen_request(0, gen_kwargs=dict(gen), repeats=repeats)])
+        return [rk.key for rk in first + second]
+
+    keys = run(builder())
+    assert None not in keys and len(set(keys)) == 3
+    assert run(builder()) == keys  # a rerun asks for the same samples in the same order
+
+
+def test_is_sampling_rules():
+    assert not is_sampling(None, 1)
+    assert not is_sampling({"temperature": 0, "do_sample": False, "n": 1}, 1)
+    assert is_sampling({"do_sample": True}, 1)
+    assert is_sampling({"best_of": 3}, 1)
+    assert is_sampling({}, 3)
+    assert not is_sampling({"temperature": True}, 1)  # a bool is not a temperature
+
+
+def test_deterministic_duplicates_share_a_key():
+    kb = builder()
+    keys = kb.keys("generate_until", [gen_request(0), gen_request(0)])
+    assert keys[0].key == keys[1].key == key_of(kb, "generate_until", gen_request(0))
+
+
+def test_sampling_override():
+    forced_on = builder(sampling=True)
+    keys = forced_on.keys("generate_until", [gen_request(0), gen_request(0)])
+    assert keys[0].key != keys[1].key
+    forced_off = builder(sampling=False)
+    sampled = {"do_sample": True, "temperature": 0.9}
+    keys = forced_off.keys("generate_until", [gen_request(0, gen_kwargs=sampled), gen_request(0, gen_kwargs=sampled)])
+    assert keys[0].key == keys[1].key
+
+
+def test_same_instance_listed_repeats_times():
+    def run(kb):
+        request = gen_request(0, repeats=3)
+        return [rk.key for rk in kb.keys("generate_until", [request, request, request])]
+
+    keys = run(builder())
+    assert None not in keys and len(set(keys)) == 3
+    assert run(builder()) == keys
+
+
+# -- model and method ---------------------------------------------------------------------
+
+
+def test_model_identity_is_in_the_key():
+    model = model_with_docs()
+    a = key_of(builder(model, model_id="model-a"), "generate_until", gen_request(0))
+    b = key_of(builder(model, model_id="model-b"), "generate_until", gen_request(0))
+    assert a != b
+    derived_1 = KeyBuilder(identify(FakeModel("org/one")), model, Encoder())
+    derived_2 = KeyBuilder(identify(FakeModel("org/two")), model, Encoder())
+    assert key_of(derived_1, "generate_until", gen_request(0)) != key_of(derived_2, "generate_until", gen_request(0))
+
+
+def test_method_is_in_the_key():
+    kb = builder()
+    assert key_of(kb, "loglikelihood", ("hi", " x")) != key_of(kb, "generate_until", ("hi", " x"))
+    assert key_of(kb, "loglikelihood_rolling", ("hi",)) != key_of(kb, "loglikelihood", ("hi",))
+
+
+def test_request_without_args_is_a_type_error():
+    with pytest.raises(TypeError, match="generate_until"):
+        builder().keys("generate_until", [object()])
