@@ -4,8 +4,9 @@ Layout: ``b"LMC"``, a format version byte, a serializer byte, the 8-byte xxh3-64
 payload, then the payload. Plain pickle (protocol 5) serializes what it can, which is
 nearly every response (``str``, ``(float, bool)``, dataclasses such as lmms-eval's
 ``GenerationResult``) and is much faster; dill takes what pickle refuses (lambdas, classes
-defined in ``__main__`` or inside functions). A hit returns the very type the model
-returned.
+and functions defined inside functions). A hit returns the very type the model returned.
+Values of classes defined in a script's ``__main__`` pickle by reference, as pickle does:
+they decode where that script is ``__main__`` again (a rerun), not from another program.
 
 Decoding runs pickle/dill code: only open caches you (or people you trust) wrote.
 """
@@ -81,9 +82,10 @@ def verify(blob: bytes) -> bool:
     """True when the envelope is well formed and its checksum matches (nothing is unpickled)."""
     if len(blob) < _HEADER.size:
         return False
-    magic, version, _kind, checksum = _HEADER.unpack_from(blob)
+    magic, version, kind, checksum = _HEADER.unpack_from(blob)
     return (
         magic == _MAGIC
         and version == FORMAT_VERSION
+        and kind in (_PICKLE, _DILL)
         and xxhash.xxh3_64_intdigest(memoryview(blob)[_HEADER.size :]) == checksum
     )

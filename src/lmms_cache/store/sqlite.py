@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -37,6 +38,7 @@ FILENAME = "cache.db"
 SCHEMA_VERSION = 1
 APPLICATION_ID = 0x4C4D4331  # "LMC1": tells our file from any other SQLite database
 _LOOKUP_CHUNK = 900  # bound parameters per SELECT ... IN (...)
+_SCAN_PAGE = 256  # rows per query of scan()
 
 _NETWORK_FS = frozenset(
     {
@@ -74,20 +76,33 @@ CREATE TABLE IF NOT EXISTS files (
 );
 """
 
+# Connections inherited through fork() must never be used or closed by the child (SQLite
+# forbids it): the child keeps them referenced here, for its lifetime, so GC never closes them.
+_INHERITED: list[sqlite3.Connection] = []
+
 _CORRUPT = ("file is not a database", "malformed", "file is encrypted")
 
 
-def network_filesystem(path: str) -> str | None:
-    """The type of the network file system holding ``path``, or None for a local one."""
-    try:
-        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as f:
-            mounts = [line.split()[1:3] for line in f if len(line.split()) >= 3]
-    except OSError:
-        return None
+def network_filesystem(path: str, mounts: str | None = None) -> str | None:
+    """The type of the network file system holding ``path``, or None for a local one.
+
+    ``mounts`` is a mount table in the ``/proc/self/mounts`` format (read when None).
+    """
+    if mounts is None:
+        try:
+            with open("/proc/self/mounts", encoding="utf-8", errors="replace") as f:
+                mounts = f.read()
+        except OSError:
+            return None
     real = os.path.realpath(path)
     best, best_type = "", None
-    for mount_point, fs_type in mounts:
-        mount_point = mount_point.replace("\\040", " ")
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        # The kernel escapes space, tab, newline and backslash in mount points as \ooo.
+        mount_point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])
+        fs_type = fields[2]
         inside = real == mount_point or real.startswith(mount_point.rstrip("/") + "/")
         if inside and len(mount_point) >= len(best):
             best, best_type = mount_point, fs_type
@@ -121,9 +136,6 @@ class SQLiteStore(Store):
         self._lock = threading.RLock()
         self._conn_pid: int | None = None
         self._conn_obj: sqlite3.Connection | None = None
-        # Connections inherited through fork() must never be used or closed by the child
-        # (SQLite forbids it); they are kept referenced here so they are not closed by GC.
-        self._inherited: list[sqlite3.Connection] = []
         self._connect()
 
     # -- connection ---------------------------------------------------------------------
@@ -131,7 +143,7 @@ class SQLiteStore(Store):
     def _conn(self) -> sqlite3.Connection:
         if self._conn_pid != os.getpid() or self._conn_obj is None:
             if self._conn_obj is not None:
-                self._inherited.append(self._conn_obj)
+                _INHERITED.append(self._conn_obj)
                 self._conn_obj = None
             self._connect()
         assert self._conn_obj is not None
@@ -175,8 +187,7 @@ class SQLiteStore(Store):
                 journal = "DELETE"
             else:
                 journal = "WAL"
-            if conn.execute("PRAGMA journal_mode").fetchone()[0].upper() != journal:
-                conn.execute(f"PRAGMA journal_mode = {journal}")
+            self._set_journal_mode(conn, journal)
             conn.execute(f"PRAGMA synchronous = {'FULL' if self._durable else 'NORMAL'}")
             self._create_schema(conn)
         except BaseException:
@@ -184,27 +195,59 @@ class SQLiteStore(Store):
             raise
         return conn
 
+    def _set_journal_mode(self, conn: sqlite3.Connection, journal: str) -> None:
+        # Changing the journal mode needs an exclusive lock and SQLite reports "database is
+        # locked" at once instead of calling the busy handler: this happens when several
+        # processes (the ranks of one node) create the cache together. Retry until timeout.
+        deadline = time.monotonic() + self._timeout
+        delay = 0.001
+        while True:
+            try:
+                if conn.execute("PRAGMA journal_mode").fetchone()[0].upper() != journal:
+                    conn.execute(f"PRAGMA journal_mode = {journal}")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
     def _open_readonly(self) -> sqlite3.Connection:
         if not os.path.exists(self.path):
             raise StoreError(f"no cache at {self.path} (read-only mode does not create one)")
         uri = "file:" + self.path.replace("?", "%3f").replace("#", "%23")
         try:
-            conn = sqlite3.connect(uri + "?mode=ro", uri=True, timeout=self._timeout,
-                                   isolation_level=None, check_same_thread=False)
+            return self._connect_checked(uri + "?mode=ro")
+        except sqlite3.OperationalError as exc:
+            # On read-only media SQLite cannot create the WAL index it needs even to read
+            # ("unable to open database file"); nobody can be writing there, so immutable is
+            # exact. Any other error (a writer holding the lock) must not be read around.
+            if not any(m in str(exc) for m in ("unable to open", "readonly")):
+                raise
+            return self._connect_checked(uri + "?immutable=1")
+
+    def _connect_checked(self, uri: str) -> sqlite3.Connection:
+        conn = sqlite3.connect(uri, uri=True, timeout=self._timeout, isolation_level=None,
+                               check_same_thread=False)
+        try:
             self._check_ours(conn)
-        except sqlite3.OperationalError:
-            # On read-only media SQLite cannot create the WAL index it needs even to read;
-            # nobody can be writing there, so immutable is exact.
-            conn = sqlite3.connect(uri + "?immutable=1", uri=True, timeout=self._timeout,
-                                   isolation_level=None, check_same_thread=False)
-            self._check_ours(conn)
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     def _check_ours(self, conn: sqlite3.Connection) -> None:
-        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if app_id == 0:
+        # One read transaction: another process may be creating the schema right now, and
+        # its tables must not be seen without its application_id.
+        conn.execute("BEGIN")
+        try:
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
             tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        finally:
+            with contextlib.suppress(sqlite3.Error):  # keep the error that ended the reads
+                conn.execute("ROLLBACK")
+        if app_id == 0:
             if tables:
                 raise StoreError(
                     f"{self.path} is an SQLite database of another program; not touching it"
@@ -227,11 +270,16 @@ class SQLiteStore(Store):
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
             raise
 
     def _set_aside(self, exc: Exception) -> None:
         aside = f"{self.path}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+        n = 1
+        while os.path.lexists(aside):  # never overwrite the evidence of an earlier damage
+            n += 1
+            aside = f"{self.path}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
         try:
             os.replace(self.path, aside)
             for suffix in ("-wal", "-shm"):
@@ -310,13 +358,20 @@ class SQLiteStore(Store):
         return removed
 
     def scan(self) -> Iterator[Entry]:
-        with self._lock, self._errors("scanning"):
-            rows = self._conn().execute(
-                "SELECT key, value, model, method, task, split, doc_id, created_at, model_seconds "
-                "FROM entries ORDER BY id"
-            ).fetchall()
-        for row in rows:
-            yield Entry(*row)
+        # In pages by id: a cache of many gigabytes is never held in memory at once.
+        last = 0
+        while True:
+            with self._lock, self._errors("scanning"):
+                rows = self._conn().execute(
+                    "SELECT id, key, value, model, method, task, split, doc_id, created_at, "
+                    "model_seconds FROM entries WHERE id > ? ORDER BY id LIMIT ?",
+                    (last, _SCAN_PAGE),
+                ).fetchall()
+            for row in rows:
+                yield Entry(*row[1:])
+            if len(rows) < _SCAN_PAGE:
+                return
+            last = rows[-1][0]
 
     def stats(self) -> dict[str, Any]:
         with self._lock, self._errors("reading statistics"):
@@ -357,9 +412,12 @@ class SQLiteStore(Store):
 
     def close(self) -> None:
         with self._lock:
-            if self._conn_obj is not None and self._conn_pid == os.getpid():
-                with contextlib.suppress(sqlite3.Error):
-                    self._conn_obj.close()
+            if self._conn_obj is not None:
+                if self._conn_pid == os.getpid():
+                    with contextlib.suppress(sqlite3.Error):
+                        self._conn_obj.close()
+                else:  # inherited through fork(): must not be closed here, not even by GC
+                    _INHERITED.append(self._conn_obj)
             self._conn_obj = None
 
     def __getstate__(self) -> dict[str, Any]:
