@@ -10,9 +10,13 @@ Derived (when no ``model_id`` is given) from:
 * the base URL of an API client it holds.
 
 Left out: process-local and operational values (rank, world size, device, device_map,
-batch sizes, timeouts, retries, concurrency, logging, cache settings) so that rank 0 and
-rank 7 of one run share entries; and secrets (API keys, tokens, passwords, credentials in
-URLs), which reach neither the key, the store nor a log.
+batch sizes, timeouts, retries, concurrency, logging, cache settings, counters) so that
+rank 0 and rank 7 of one run share entries; and secrets (API keys, tokens, passwords,
+credentials in URLs), which reach neither the key, the store nor a log. A name is secret
+when one of its words is (``hf_token``), so ``max_new_tokens`` stays a setting.
+
+The identity is taken when the model is wrapped: plain attributes a model changes as it
+runs would otherwise move it (a pickled proxy carries its identity along).
 """
 
 from __future__ import annotations
@@ -31,7 +35,14 @@ __all__ = ["ModelIdentity", "identify"]
 
 log = logging.getLogger("lmms_cache")
 
-_SECRET = re.compile(r"(api_?key|token|secret|passw(or)?d|credential|auth|cookie|private_?key|access_?key)", re.I)
+# A name is secret when one of its words is (``hf_token``, ``authToken``, ``api_key``), not
+# when it merely contains one: ``max_new_tokens`` and ``author`` are settings.
+_SECRET_WORDS = frozenset({
+    "token", "secret", "secrets", "password", "passwd", "pwd", "credential", "credentials",
+    "auth", "oauth", "authorization", "cookie", "cookies", "apikey", "bearer",
+})  # fmt: skip
+_SECRET_NAME = re.compile(r"(api_?key|private_?key|access_?key|secret_?key|passw(or)?d)", re.I)
+_CAMEL = re.compile(r"([a-z0-9])([A-Z])")
 _OPERATIONAL = re.compile(
     r"^(rank|local_rank|global_rank|process_index|world_size|num_processes|device|devices|"
     r"device_map|.*batch_size.*|.*timeout.*|.*retr(y|ies).*|.*backoff.*|.*concurren.*|"
@@ -39,10 +50,11 @@ _OPERATIONAL = re.compile(
     r"log(ger|ging)?(_.*)?|.*_log|.*log_dir|cache_.*|.*_cache_dir|.*cache_path|use_cache|"
     r"task_dict|progress.*|.*_bar|prefix_aware_queue|prefix_hash_chars|adaptive_.*|"
     r"continual_mode|response_persistent_.*|max_size_in_mb|rate_limit.*|.*_pid|pid|"
-    r"start_time|.*_queue|.*_lock|.*_semaphore)$"
+    r"start_time|.*_queue|.*_lock|.*_semaphore|.*counter.*)$"
 )
 _NAME_HINT = re.compile(r"(pretrained|model_name|model_version|model_id|checkpoint|name_or_path|model_path|^model$|engine|^path$)")
 _SECRET_IN_TEXT = re.compile(r"((api_?key|token|secret|password)\s*[=:]\s*)[^,\s&]+", re.I)
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
 _PLAIN = (str, int, float, bool, type(None))
 
 
@@ -89,6 +101,13 @@ def identify(model: Any, model_id: str | None = None) -> ModelIdentity:
     return ModelIdentity(description, digest)
 
 
+def _is_secret(name: str) -> bool:
+    if _SECRET_NAME.search(name):
+        return True
+    words = re.split(r"[^a-z0-9]+", _CAMEL.sub(r"\1_\2", name).lower())
+    return any(w in _SECRET_WORDS for w in words)
+
+
 def _derive(model: Any) -> dict[str, Any]:
     cls = type(model)
     settings: dict[str, Any] = {}
@@ -96,15 +115,18 @@ def _derive(model: Any) -> dict[str, Any]:
     clients: list[str] = []
     for name, value in sorted(_attributes(model).items()):
         bare = name.lstrip("_").lower()
-        if _SECRET.search(bare) or _OPERATIONAL.match(bare):
+        if _is_secret(name) or _OPERATIONAL.match(bare):
             continue
         if _is_plain(value):
             settings[bare] = _scrub(value)
             continue
-        checkpoint = _checkpoint(value)
+        try:  # arbitrary objects: a property may raise anything
+            checkpoint = _checkpoint(value)
+            url = getattr(value, "base_url", None)
+        except Exception:
+            continue
         if checkpoint:
             checkpoints.append(checkpoint)
-        url = getattr(value, "base_url", None)
         if url is not None and not callable(url):
             clients.append(_scrub_url(str(url)))
     description: dict[str, Any] = {"class": f"{cls.__module__}.{cls.__qualname__}", "settings": settings}
@@ -139,25 +161,23 @@ def _scrub(v: Any) -> Any:
     """Remove secrets from plain values: secret-named keys, credentials in text and URLs."""
     if isinstance(v, str):
         if "://" in v:
-            v = _scrub_url(v)
+            v = _URL_IN_TEXT.sub(lambda m: _scrub_url(m.group()), v)
         return _SECRET_IN_TEXT.sub(r"\1***", v)
     if isinstance(v, (list, tuple)):
         return [_scrub(x) for x in v]
     if isinstance(v, Mapping):
-        return {k: _scrub(x) for k, x in v.items() if not _SECRET.search(k)}
+        return {k: _scrub(x) for k, x in v.items() if not _is_secret(k)}
     return v
 
 
 def _scrub_url(url: str) -> str:
     try:
         parts = urllib.parse.urlsplit(url)
-    except ValueError:
-        return url
-    netloc = parts.hostname or ""
-    if parts.port:
-        netloc += f":{parts.port}"
+    except ValueError:  # malformed: at least drop user:password@
+        return re.sub(r"//[^/]*@", "//", url)
+    netloc = parts.netloc.rpartition("@")[2]  # host[:port] without user:password@
     query = urllib.parse.urlencode(
-        [(k, val) for k, val in urllib.parse.parse_qsl(parts.query) if not _SECRET.search(k)]
+        [(k, val) for k, val in urllib.parse.parse_qsl(parts.query) if not _is_secret(k)]
     )
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), query, ""))
 

@@ -72,9 +72,9 @@ def default_is_failure(response: Any) -> bool:
         return math.isnan(response[0])
     if isinstance(response, list):
         return not response or any(default_is_failure(r) for r in response)
-    text = getattr(response, "text", None)
-    if text is not None or hasattr(response, "text"):
-        return default_is_failure(text)
+    inner = getattr(response, "text", None)
+    if inner is not None or hasattr(response, "text"):
+        return default_is_failure(inner)
     return False
 
 
@@ -219,18 +219,26 @@ def _interceptor(method: str) -> Callable[..., Any]:
     return intercept
 
 
-def _rebuild(model: Any, options: dict[str, Any]) -> CachedModel:
-    return cached(model, **options)
+def _rebuild(model: Any, options: dict[str, Any], identity: ModelIdentity | None = None) -> CachedModel:
+    """A proxy like the pickled (or copied) one, with the same identity.
+
+    The identity is carried over rather than derived again: the model's state changes as
+    it runs, and a copy made mid-run must still find the entries its original wrote.
+    """
+    if identity is None:  # pickled by a version that did not carry it
+        return cached(model, **options)
+    methods = tuple(m for m in METHODS if callable(getattr(model, m, None)))
+    return _proxy_class(type(model), methods)(model, options, identity)
 
 
-class CachedModel(wrapt.ObjectProxy):  # type: ignore[misc]
+class CachedModel(wrapt.ObjectProxy):  # type: ignore[type-arg]
     """The proxy :func:`cached` returns (one subclass per model class).
 
     Everything not defined here is the model's. Proxy state lives in ``_self_*``
     attributes, which wrapt keeps on the proxy.
     """
 
-    def __init__(self, model: Any, options: dict[str, Any]) -> None:
+    def __init__(self, model: Any, options: dict[str, Any], identity: ModelIdentity | None = None) -> None:
         super().__init__(model)
         self._self_options = options
         self._self_mode = options["mode"]
@@ -245,7 +253,7 @@ class CachedModel(wrapt.ObjectProxy):  # type: ignore[misc]
         location = options["path"] if options["path"] is not None else default_location()
         self._self_location = os.path.abspath(os.path.expanduser(location))
         self._self_store = self._self_open_store(options["durable"])
-        self._self_identity = identify(model, options["model_id"])
+        self._self_identity = identity if identity is not None else identify(model, options["model_id"])
         log.info("lmms-cache: %s at %s, model identity %s = %s", self._self_mode,
                  self._self_location, self._self_identity.digest[:12], self._self_identity.json())
         files = FileDigests(lookup=self._self_file_lookup, remember=self._self_file_remember)
@@ -278,7 +286,15 @@ class CachedModel(wrapt.ObjectProxy):  # type: ignore[misc]
         self._self_store.close()
 
     def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
-        return _rebuild, (self.__wrapped__, self._self_options)
+        return _rebuild, (self.__wrapped__, self._self_options, self._self_identity)
+
+    def __copy__(self) -> CachedModel:
+        return _rebuild(self.__wrapped__, self._self_options, self._self_identity)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> CachedModel:
+        import copy
+
+        return _rebuild(copy.deepcopy(self.__wrapped__, memo), self._self_options, self._self_identity)
 
     def __repr__(self) -> str:
         return f"<lmms_cache {self._self_mode} proxy of {self.__wrapped__!r} at {self._self_location}>"
@@ -292,6 +308,12 @@ class CachedModel(wrapt.ObjectProxy):  # type: ignore[misc]
             return model_method(requests, *args, **kwargs)  # type: ignore[no-any-return]
         requests = list(requests)
         if not requests:
+            if self._self_lockstep:
+                # The other ranks agree on a count and may call the model: join the
+                # agreement (a collective) and step with them, with nothing to ask.
+                for _ in range(self._self_padding(0)):
+                    model_method(requests, *args, **kwargs)
+                return []
             return model_method(requests, *args, **kwargs)  # type: ignore[no-any-return]
         stats = self._self_stats
         stats.calls += 1
@@ -354,7 +376,7 @@ class CachedModel(wrapt.ObjectProxy):  # type: ignore[misc]
                     )
                 entries = []
                 now = time.time()
-                for (i, key), response in zip(batch, responses):
+                for (i, key), response in zip(batch, responses, strict=True):
                     if key is None:
                         results[i] = response
                         continue
