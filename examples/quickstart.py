@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import tempfile
 import time
-
 from dataclasses import dataclass, field
 
 from PIL import Image
@@ -44,7 +43,7 @@ class TinyVLM:
     def generate_until(self, requests):
         answers = []
         for request in requests:
-            context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
+            context, _gen_kwargs, doc_to_visual, doc_id, task, split = request.args
             image = doc_to_visual(self.task_dict[task][split][doc_id])[0]
             time.sleep(0.02)  # the GPU time a real model would spend
             self.requests_seen += 1

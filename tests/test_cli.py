@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 from fakes import FakeModel, gen_request, task_dict
-
 from lmms_cache import cached
 
 
