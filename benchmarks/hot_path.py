@@ -109,6 +109,11 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=10_000)
     parser.add_argument("--images", type=int, default=200)
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="lmms-cache-bench-") as root:
+        run(args, root)
+
+
+def run(args: argparse.Namespace, root: str) -> None:
     print(f"{'workload':<52} {'median µs':>10} {'p99 µs':>10}")
 
     # Miss overhead: a fresh cache, every request a miss; proxy time minus model time.
@@ -116,7 +121,7 @@ def main() -> None:
     for per_call, label in ((args.requests, f"calls of {args.requests}"), (1, "calls of 1")):
         n = args.requests if per_call > 1 else min(args.requests, 2000)
         model = FreeModel()
-        lm = cached(model, tempfile.mkdtemp(), progress=False)
+        lm = cached(model, f"{root}/text-{per_call}", progress=False)
         samples = []
         for s in range(0, n, per_call):
             chunk = texts[s : s + per_call]
@@ -142,7 +147,7 @@ def main() -> None:
     for task, rows_ in (("decoded", decoded), ("jpeg", DecodingRows(jpegs))):
         model = FreeModel()
         model.task_dict = {task: {"test": rows_}}
-        lm = cached(model, tempfile.mkdtemp(), progress=False)
+        lm = cached(model, f"{root}/image-{task}", progress=False)
         reqs = image_requests(args.images, task)
         lm.generate_until(reqs)
         t = time.perf_counter()

@@ -1,6 +1,6 @@
 """lmms-cache in one minute: wrap a model, run twice, the second run is free.
 
-    python examples/quickstart.py
+    python examples/quickstart.py [CACHE_DIR]
 
 A tiny fake multimodal model stands in for a real one (it "thinks" 20 ms per request,
 like a small GPU model). The first run pays for every request; the second, in a fresh
@@ -9,6 +9,7 @@ proxy as after a restart, answers everything from the cache on disk.
 
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -63,7 +64,7 @@ def main() -> None:
                  idx=0, metadata={"task": "demo", "doc_id": i, "repeats": 1, "split": "test"})
         for i in range(len(docs))
     ]
-    cache_dir = tempfile.mkdtemp(prefix="lmms-cache-quickstart-")
+    cache_dir = sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="lmms-cache-quickstart-")
 
     for run in ("first", "second"):
         model = TinyVLM()

@@ -8,8 +8,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_quickstart_second_run_is_served_from_the_cache():
-    out = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py")],
+def test_quickstart_second_run_is_served_from_the_cache(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py"), str(tmp_path)],
                          capture_output=True, text=True, timeout=120, check=True).stdout
     first, second = (re.search(rf"{name} run: .* (\d+) hits, +(\d+) misses, model asked (\d+) times", out)
                      for name in ("first", "second"))

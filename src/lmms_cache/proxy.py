@@ -156,11 +156,13 @@ def cached(
         ...     def generate_until(self, requests):
         ...         return [r.args[0].upper() for r in requests]
         >>> import tempfile; from types import SimpleNamespace as R
-        >>> lm = cached(Echo(), tempfile.mkdtemp())
+        >>> directory = tempfile.TemporaryDirectory()
+        >>> lm = cached(Echo(), directory.name)
         >>> lm.generate_until([R(args=("hi", {}))]), lm.generate_until([R(args=("hi", {}))])
         (['HI'], ['HI'])
         >>> lm.cache_stats.hits
         1
+        >>> lm.cache_close(); directory.cleanup()
     """
     if is_cached(model):
         raise TypeError("the model is already wrapped by lmms-cache")
@@ -219,14 +221,12 @@ def _interceptor(method: str) -> Callable[..., Any]:
     return intercept
 
 
-def _rebuild(model: Any, options: dict[str, Any], identity: ModelIdentity | None = None) -> CachedModel:
+def _rebuild(model: Any, options: dict[str, Any], identity: ModelIdentity) -> CachedModel:
     """A proxy like the pickled (or copied) one, with the same identity.
 
     The identity is carried over rather than derived again: the model's state changes as
     it runs, and a copy made mid-run must still find the entries its original wrote.
     """
-    if identity is None:  # pickled by a version that did not carry it
-        return cached(model, **options)
     methods = tuple(m for m in METHODS if callable(getattr(model, m, None)))
     return _proxy_class(type(model), methods)(model, options, identity)
 
