@@ -679,3 +679,26 @@ def test_lockstep_true_without_torch_distributed_is_plain(tmp_path):
         f"answer to q{i}" for i in range(3)
     ]
     assert model.calls == 2
+
+
+def test_on_miss_error_lists_the_missing_requests_and_never_calls_the_model(tmp_path):
+    from lmms_cache import CacheMissError
+
+    model = FakeModel()
+    model.task_dict = task_dict(4)
+    cached(model, tmp_path).generate_until([gen_request(0), gen_request(1)])
+    model = FakeModel()  # a fresh process's model: nothing asked yet
+    model.task_dict = task_dict(4)
+    calls = model.calls
+    replay = cached(model, tmp_path, on_miss="error")
+    assert [r.text for r in replay.generate_until([gen_request(0), gen_request(1)])] == ["answer to q0", "answer to q1"]
+    with pytest.raises(CacheMissError) as err:
+        replay.generate_until([gen_request(0), gen_request(2), gen_request(3, context="a new prompt")])
+    assert model.calls == calls
+    assert len(err.value.missing) == 2
+    assert "t/test/2 'q2'" in str(err.value) and "t/test/3 'a new prompt'" in str(err.value)
+
+
+def test_on_miss_must_be_known(tmp_path):
+    with pytest.raises(ValueError, match="on_miss"):
+        cached(FakeModel(), tmp_path, on_miss="skip")

@@ -8,7 +8,15 @@ Everything a user needs is here; the modules below are reachable but quiet.
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .proxy import DEFAULT_BATCH_SIZE, CachedModel, CacheStats, cached, default_is_failure, is_cached
+from .proxy import (
+    DEFAULT_BATCH_SIZE,
+    CachedModel,
+    CacheMissError,
+    CacheStats,
+    cached,
+    default_is_failure,
+    is_cached,
+)
 
 try:
     __version__ = version("lmms-cache")
@@ -17,6 +25,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
+    "CacheMissError",
     "CacheStats",
     "CachedModel",
     "__version__",

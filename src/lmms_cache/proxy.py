@@ -32,7 +32,7 @@ from .identity import ModelIdentity, identify
 from .key import KeyBuilder, RequestKey
 from .store import Entry, NullStore, Store, StoreError, default_location, open_store
 
-__all__ = ["DEFAULT_BATCH_SIZE", "METHODS", "MODES", "CacheStats", "CachedModel", "cached",
+__all__ = ["DEFAULT_BATCH_SIZE", "METHODS", "MODES", "CacheMissError", "CacheStats", "CachedModel", "cached",
            "default_is_failure", "is_cached"]  # fmt: skip
 
 log = logging.getLogger("lmms_cache")
@@ -96,6 +96,33 @@ class CacheStats:
         return asdict(self)
 
 
+class CacheMissError(LookupError):
+    """Raised with ``on_miss="error"`` when a call has requests the cache cannot answer.
+
+    ``missing`` lists one line per distinct missing request (method, document, prompt).
+    """
+
+    def __init__(self, method: str, keys: Sequence[RequestKey], requests: Sequence[Any]) -> None:
+        self.missing = [_describe(method, rk, r) for rk, r in zip(keys, requests, strict=True)]
+        shown = "\n  ".join(self.missing[:20])
+        more = f"\n  ... and {len(self.missing) - 20} more" if len(self.missing) > 20 else ""
+        super().__init__(f"{len(self.missing)} {method} request(s) are not in the cache "
+                         f"(on_miss='error'):\n  {shown}{more}")
+
+
+def _describe(method: str, rk: RequestKey, request: Any) -> str:
+    view = rk.view
+    where = ""
+    if view is not None and view.task is not None:
+        where = f"{view.task}/{view.split}/{view.doc_id} "
+    args = getattr(request, "args", request)
+    prompt = args[0] if isinstance(args, tuple) and args and isinstance(args[0], str) else ""
+    prompt = " ".join(prompt.split())
+    prompt = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+    status = "" if rk.key is not None else f" (uncacheable: {rk.bypass_reason})"
+    return f"{method} {where}{prompt!r}{status}"
+
+
 def is_cached(obj: Any) -> bool:
     """True for a proxy made by :func:`cached`, False for anything else (a model)."""
     return isinstance(type(obj), type) and issubclass(type(obj), CachedModel)
@@ -113,6 +140,7 @@ def cached(
     progress: bool | None = None,
     durable: bool = True,
     lockstep: bool | Callable[[int], int] = False,
+    on_miss: str = "compute",
 ) -> CachedModel:
     """Wrap ``model`` so that every response it has given once is answered from disk.
 
@@ -141,6 +169,8 @@ def cached(
             ``generate_until``): every rank then calls the model equally often, padding
             with calls whose results are discarded. True agrees on the count through
             ``torch.distributed``; a callable ``local_count -> max_count`` does it otherwise.
+        on_miss: ``"compute"`` (default) sends misses to the model; ``"error"`` raises
+            :class:`CacheMissError` listing them instead (replay-only runs).
 
     Returns:
         A proxy that behaves like ``model``: ``isinstance(proxy, type(model))`` holds,
@@ -148,7 +178,7 @@ def cached(
 
     Raises:
         TypeError: ``model`` has none of the request methods.
-        ValueError: an unknown ``mode`` or a ``batch_size`` below 1.
+        ValueError: an unknown ``mode`` or ``on_miss``, or a ``batch_size`` below 1.
 
     Example:
         >>> class Echo:
@@ -181,12 +211,14 @@ def cached(
         raise ValueError(f"batch_size must be an integer of at least 1, not {batch_size!r}")
     if is_failure is not None and not callable(is_failure):
         raise TypeError(f"is_failure must be callable, not {is_failure!r}")
+    if on_miss not in ("compute", "error"):
+        raise ValueError(f"on_miss must be 'compute' or 'error', not {on_miss!r}")
     if sampling not in (None, True, False):
         raise ValueError(f"sampling must be True, False or None, not {sampling!r}")
     options = {
         "path": os.fspath(path) if path is not None else None, "model_id": model_id,
         "batch_size": batch_size, "mode": mode, "is_failure": is_failure, "sampling": sampling,
-        "progress": progress, "durable": durable, "lockstep": lockstep,
+        "progress": progress, "durable": durable, "lockstep": lockstep, "on_miss": on_miss,
     }  # fmt: skip
     return _proxy_class(type(model), methods)(model, options)
 
@@ -246,6 +278,7 @@ class CachedModel(wrapt.ObjectProxy):  # type: ignore[type-arg]
         self._self_is_failure = options["is_failure"] or default_is_failure
         self._self_progress = options["progress"]
         self._self_lockstep = options["lockstep"]
+        self._self_on_miss = options["on_miss"]
         self._self_stats = CacheStats()
         self._self_warned: set[str] = set()
         self._self_pending: list[Entry] = []
@@ -337,6 +370,8 @@ class CachedModel(wrapt.ObjectProxy):  # type: ignore[type-arg]
                 jobs.append((i, rk.key))
         stats.hits += hits
         stats.bypassed += sum(1 for rk in keys if rk.key is None)
+        if jobs and self._self_on_miss == "error":
+            raise CacheMissError(method, [keys[i] for i, _ in jobs], [requests[i] for i, _ in jobs])
         written, failures, model_seconds = self._self_compute(
             method, model_method, requests, keys, jobs, todo, results, args, kwargs
         )
