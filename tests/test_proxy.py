@@ -486,7 +486,7 @@ def test_cache_stats_count_requests_hits_misses_and_writes(tmp_path):
     stats = lm.cache_stats.as_dict()
     assert {k: v for k, v in stats.items() if k != "model_seconds"} == {
         "calls": 2, "requests": 6, "hits": 2, "misses": 4, "written": 3, "failures": 1,
-        "bypassed": 0, "model_calls": 3,
+        "bypassed": 0, "refused": 0, "model_calls": 3,
     }  # fmt: skip
 
 

@@ -107,6 +107,16 @@ def test_delete_returns_how_many_were_there(store: Store) -> None:
     assert store.stats()["entries"] == 500
 
 
+def test_delete_where_removes_exactly_the_matching_entries(store: Store) -> None:
+    store.put_many([entry(i, model=f"m{i % 2}", task=f"t{i % 3}") for i in range(60)]
+                   + [entry(100, model="m0", method="loglikelihood", task="t0")])  # fmt: skip
+    assert store.delete_where(model="m0", task="t0", method="generate_until") == 10
+    assert store.delete_where(model="m0", task="t0") == 1  # the loglikelihood entry
+    assert store.delete_where(model="m1") == 30
+    left = list(store.scan())
+    assert len(left) == 20 and all(e.model == "m0" and e.task != "t0" for e in left)
+
+
 def test_scan_yields_every_entry_with_its_metadata(store: Store) -> None:
     entries = [entry(i, task=f"task{i % 3}", doc_id=str(i), created_at=1000.0 + i, model_seconds=i / 10)
                for i in range(600)]  # fmt: skip

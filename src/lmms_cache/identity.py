@@ -198,3 +198,24 @@ def _checkpoint(value: Any) -> dict[str, Any] | None:
                 found["dtype"] = str(dtype)
             return found
     return None
+
+
+def model_id_from_arguments(harness: str, name: str, arguments: Mapping[str, Any]) -> str:
+    """A ``model_id`` for a model a harness builds from its name and ``--model_args``.
+
+    Operational arguments and secrets are left out, as for a derived identity; the rest
+    is sorted, so argument order never matters.
+
+    Example:
+        >>> model_id_from_arguments("lmms-eval", "openai", {"model_version": "gpt-4o",
+        ...     "api_key": "sk-123", "num_concurrent": 8})
+        'lmms-eval/openai?model_version=gpt-4o'
+    """
+    kept = []
+    for key in sorted(arguments):
+        bare = key.lstrip("_").lower()
+        if _is_secret(bare) or _OPERATIONAL.match(bare):
+            continue
+        value = _scrub(arguments[key])
+        kept.append(f"{key}={json.dumps(value) if not isinstance(value, str) else value}")
+    return f"{harness}/{name}" + ("?" + "&".join(kept) if kept else "")

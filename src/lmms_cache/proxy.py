@@ -89,6 +89,7 @@ class CacheStats:
     written: int = 0  # responses made durable
     failures: int = 0  # responses the failure rule kept out of the cache
     bypassed: int = 0  # requests that could not be keyed and went to the model uncached
+    refused: int = 0  # misses refused with on_miss="error"
     model_calls: int = 0
     model_seconds: float = 0.0
 
@@ -371,6 +372,7 @@ class CachedModel(wrapt.ObjectProxy):  # type: ignore[type-arg]
         stats.hits += hits
         stats.bypassed += sum(1 for rk in keys if rk.key is None)
         if jobs and self._self_on_miss == "error":
+            stats.refused += len(jobs)
             raise CacheMissError(method, [keys[i] for i, _ in jobs], [requests[i] for i, _ in jobs])
         written, failures, model_seconds = self._self_compute(
             method, model_method, requests, keys, jobs, todo, results, args, kwargs

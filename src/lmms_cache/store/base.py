@@ -61,6 +61,11 @@ class Store(ABC):
         """Remove entries; returns how many were there."""
 
     @abstractmethod
+    def delete_where(self, *, model: str | None = None, task: str | None = None,
+                     method: str | None = None) -> int:  # fmt: skip
+        """Remove every entry matching all the given fields (all entries when none given)."""
+
+    @abstractmethod
     def scan(self) -> Iterator[Entry]:
         """Every entry, in no particular order."""
 
@@ -96,6 +101,10 @@ class NullStore(Store):
         return None
 
     def delete(self, keys: Sequence[bytes]) -> int:
+        return 0
+
+    def delete_where(self, *, model: str | None = None, task: str | None = None,
+                     method: str | None = None) -> int:  # fmt: skip
         return 0
 
     def scan(self) -> Iterator[Entry]:

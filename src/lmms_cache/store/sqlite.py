@@ -357,6 +357,17 @@ class SQLiteStore(Store):
                 removed += conn.execute(f"DELETE FROM entries WHERE key IN ({marks})", chunk).rowcount
         return removed
 
+    def delete_where(self, *, model: str | None = None, task: str | None = None,
+                     method: str | None = None) -> int:  # fmt: skip
+        clauses, params = [], []
+        for column, value in (("model", model), ("task", task), ("method", method)):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        where = " AND ".join(clauses) or "1"
+        with self._transaction("deleting") as conn:
+            return int(conn.execute(f"DELETE FROM entries WHERE {where}", params).rowcount)
+
     def scan(self) -> Iterator[Entry]:
         # In pages by id: a cache of many gigabytes is never held in memory at once.
         last = 0
