@@ -19,7 +19,16 @@ from pathlib import Path
 
 import pytest
 
-from lmms_cache.store import Entry, NullStore, SQLiteStore, Store, StoreError, default_location, open_store
+from lmms_cache.store import (
+    Entry,
+    NullStore,
+    SQLiteStore,
+    Store,
+    StoreError,
+    Where,
+    default_location,
+    open_store,
+)
 from lmms_cache.store import sqlite as sqlite_backend
 from lmms_cache.store.sqlite import APPLICATION_ID, SCHEMA_VERSION, network_filesystem
 
@@ -110,17 +119,23 @@ def test_delete_returns_how_many_were_there(store: Store) -> None:
 def test_delete_where_removes_exactly_the_matching_entries(store: Store) -> None:
     store.put_many([entry(i, model=f"m{i % 2}", task=f"t{i % 3}") for i in range(60)]
                    + [entry(100, model="m0", method="loglikelihood", task="t0")])  # fmt: skip
-    assert store.delete_where(model="m0", task="t0", method="generate_until") == 10
-    assert store.delete_where(model="m0", task="t0") == 1  # the loglikelihood entry
-    assert store.delete_where(model="m1") == 30
+    assert store.delete_where(Where(models=("m0",), task="t0", method="generate_until")) == 10
+    assert store.delete_where(Where(models=("m0",), task="t0")) == 1  # the loglikelihood entry
+    assert store.delete_where(Where(models=("m1", "m9"))) == 30
+    assert store.delete_where(Where(models=())) == 0
     left = list(store.scan())
     assert len(left) == 20 and all(e.model == "m0" and e.task != "t0" for e in left)
+    assert store.delete_where(Where(doc_id="4")) == 1
+    assert store.delete_where(Where(created_before=0.5)) == 0
+    assert store.stats()["entries"] == 19
 
 
 def test_scan_yields_every_entry_with_its_metadata(store: Store) -> None:
-    entries = [entry(i, task=f"task{i % 3}", doc_id=str(i), created_at=1000.0 + i, model_seconds=i / 10)
+    entries = [entry(i, task=f"task{i % 3}", doc_id=str(i), created_at=1000.0 + i, model_seconds=i / 10,
+                     used_at=1000.0 + i, raw_size=i, components='{"context": "ab"}')
                for i in range(600)]  # fmt: skip
-    entries.append(entry(10_000, method="loglikelihood", task=None, split=None, doc_id=None, created_at=5.0))
+    entries.append(entry(10_000, method="loglikelihood", task=None, split=None, doc_id=None, created_at=5.0,
+                         used_at=5.0))  # fmt: skip
     store.put_many(entries)
     assert sorted(store.scan(), key=lambda e: e.key) == sorted(entries, key=lambda e: e.key)
 
@@ -639,3 +654,84 @@ def test_open_store_without_a_location_uses_lmms_cache_dir(tmp_path: Path, monke
 def test_default_location_is_the_user_cache_dir(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("LMMS_CACHE_DIR", raising=False)
     assert os.path.basename(default_location()) == "lmms-cache"
+
+
+# -- management: bookkeeping, eviction, expiry, summaries -------------------------------------
+
+
+def test_a_new_entry_is_last_used_when_created(store: Store) -> None:
+    store.put_many([entry(1, created_at=1234.5)])
+    got = store.get(key(1))
+    assert got is not None and got.used_at == 1234.5 and got.hits == 0
+    assert store.get(key(2)) is None
+
+
+def test_touch_counts_hits_and_moves_entries_up_the_lru_order(store: Store) -> None:
+    store.put_many([entry(i, created_at=100.0 + i) for i in range(5)])
+    store.touch({key(0): 3, key(2): 1, key(99): 1}, when=500.0)
+    got = {e.key: e for e in store.scan()}
+    assert (got[key(0)].hits, got[key(0)].used_at) == (3, 500.0)
+    assert (got[key(1)].hits, got[key(1)].used_at) == (0, 101.0)
+    store.touch({key(0): 1}, when=400.0)  # an older flush never moves an entry back
+    assert store.get(key(0)).used_at == 500.0  # type: ignore[union-attr]
+    recent = [e.key for e in store.scan(recent_first=True, values=False)]
+    assert recent == [key(2), key(0), key(4), key(3), key(1)]
+
+
+def test_scan_filters_limits_and_can_leave_values_out(store: Store) -> None:
+    store.put_many([entry(i, task=f"t{i % 2}", value=b"v" * 50) for i in range(700)])
+    only = list(store.scan(Where(task="t1"), values=False, limit=300))
+    assert len(only) == 300 and all(e.task == "t1" and e.value == b"" for e in only)
+    assert len({e.key for e in store.scan(recent_first=True, limit=650)}) == 650
+
+
+def test_evict_removes_least_recently_used_until_under_the_limit(store: Store) -> None:
+    store.put_many([entry(i, value=b"x" * 100, created_at=1000.0 + i) for i in range(30)])
+    store.touch({key(0): 1, key(1): 1}, when=5000.0)  # the two oldest were used last
+    removed, freed = store.evict(max_bytes=1000)
+    assert (removed, freed) == (20, 2000)
+    left = {e.key for e in store.scan()}
+    assert left == {key(0), key(1)} | {key(i) for i in range(22, 30)}
+    assert store.stats()["bytes"] == 1000
+    assert store.evict(max_bytes=1000) == (0, 0)
+
+
+def test_get_many_can_ignore_entries_older_than_a_time(store: Store) -> None:
+    store.put_many([entry(1, created_at=100.0), entry(2, created_at=300.0)])
+    assert set(store.get_many([key(1), key(2)], created_after=200.0)) == {key(2)}
+
+
+def test_put_without_replace_keeps_existing_values_and_counts_new_ones(store: Store) -> None:
+    store.put_many([entry(1, b"kept")])
+    assert store.put_many([entry(1, b"other"), entry(2, b"new")], replace=False) == 1
+    assert store.get_many([key(1), key(2)]) == {key(1): b"kept", key(2): b"new"}
+
+
+def test_totals_follow_inserts_overwrites_and_deletes(store: Store) -> None:
+    store.put_many([entry(i, b"a" * 10, raw_size=40) for i in range(10)])
+    store.put_many([entry(0, b"b" * 30, raw_size=90)])
+    store.delete([key(1)])
+    stats = store.stats()
+    assert (stats["entries"], stats["bytes"], stats["raw_bytes"]) == (9, 8 * 10 + 30, 8 * 40 + 90)
+
+
+def test_summary_groups_by_model_and_task_with_the_time_hits_saved(store: Store) -> None:
+    store.put_many([entry(i, b"v" * 10, model=f"m{i % 2}", task="t", model_seconds=2.0) for i in range(4)])
+    store.touch({key(0): 5, key(1): 1}, when=10.0)
+    summary = store.summary()
+    by_model = {row["model"]: row for row in summary["by_model"]}
+    assert by_model["m0"]["entries"] == 2 and by_model["m0"]["hits"] == 5
+    assert by_model["m0"]["seconds_saved"] == 10.0 and by_model["m1"]["seconds_saved"] == 2.0
+    assert summary["hits"] == 6 and summary["seconds_saved"] == 12.0
+    assert summary["by_task"][0]["entries"] == 4
+
+
+def test_compact_gives_space_back_after_deleting(tmp_path: Path) -> None:
+    store = SQLiteStore(str(tmp_path / "c"))
+    store.put_many([entry(i, os.urandom(4000)) for i in range(500)])
+    store.compact()
+    full = os.path.getsize(store.path)
+    store.delete_where(Where())
+    store.compact()
+    assert os.path.getsize(store.path) < full / 4
+    store.close()

@@ -13,7 +13,7 @@ from . import __version__
 from .identity import model_id_from_arguments
 from .lazy import lazy_model
 from .proxy import cached
-from .store import StoreError, default_location, open_store
+from .store import StoreError, Where, default_location, open_store
 
 
 def _stats(args: argparse.Namespace) -> int:
@@ -65,7 +65,7 @@ class _CachingFactory:
         lm = cached(model, o.cache_dir, model_id=model_id_from_arguments(self._harness, self._name, model_args),
                     batch_size=o.batch_size, on_miss=o.on_miss)  # fmt: skip
         if o.clear_cache and int(os.environ.get("RANK", 0)) == 0:
-            removed = lm.cache_store.delete_where(model=lm.cache_identity.digest)
+            removed = lm.cache_store.delete_where(Where(models=(lm.cache_identity.digest,)))
             print(f"lmms-cache: cleared {removed} entries of {lm.cache_identity.label}", file=sys.stderr)
         self.created.append(lm)
         return lm

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 
-from .base import Entry, NullStore, Store, StoreError
+from .base import Entry, NullStore, Store, StoreError, Where
 from .sqlite import SQLiteStore
 
-__all__ = ["Entry", "NullStore", "SQLiteStore", "Store", "StoreError", "default_location", "open_store"]
+__all__ = ["Entry", "NullStore", "SQLiteStore", "Store", "StoreError", "Where", "default_location", "open_store"]
 
 
 def default_location() -> str:

@@ -25,10 +25,10 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from .base import Entry, Store, StoreError
+from .base import Entry, Store, StoreError, Where
 
 __all__ = ["SQLiteStore", "network_filesystem"]
 
@@ -39,6 +39,7 @@ SCHEMA_VERSION = 1
 APPLICATION_ID = 0x4C4D4331  # "LMC1": tells our file from any other SQLite database
 _LOOKUP_CHUNK = 900  # bound parameters per SELECT ... IN (...)
 _SCAN_PAGE = 256  # rows per query of scan()
+_EVICT_PAGE = 1000  # least recently used rows looked at per eviction query
 
 _NETWORK_FS = frozenset(
     {
@@ -49,32 +50,58 @@ _NETWORK_FS = frozenset(
     }
 )  # fmt: skip
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS entries (
-    id INTEGER PRIMARY KEY,
-    key BLOB NOT NULL UNIQUE,
-    value BLOB NOT NULL,
-    model TEXT NOT NULL,
-    method TEXT NOT NULL,
-    task TEXT,
-    split TEXT,
-    doc_id TEXT,
-    created_at REAL NOT NULL,
-    size INTEGER NOT NULL,
-    model_seconds REAL NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS entries_model_task ON entries (model, task);
-CREATE TABLE IF NOT EXISTS models (
-    digest TEXT PRIMARY KEY,
-    description TEXT NOT NULL,
-    first_seen REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS files (
-    path TEXT PRIMARY KEY,
-    signature TEXT NOT NULL,
-    digest BLOB NOT NULL
-);
-"""
+# One statement per item (the triggers contain semicolons).
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS entries (
+        id INTEGER PRIMARY KEY,
+        key BLOB NOT NULL UNIQUE,
+        value BLOB NOT NULL,
+        model TEXT NOT NULL,
+        method TEXT NOT NULL,
+        task TEXT,
+        split TEXT,
+        doc_id TEXT,
+        created_at REAL NOT NULL,
+        size INTEGER NOT NULL,
+        raw_size INTEGER NOT NULL DEFAULT 0,
+        model_seconds REAL NOT NULL DEFAULT 0,
+        hits INTEGER NOT NULL DEFAULT 0,
+        used_at REAL NOT NULL,
+        components TEXT
+    )""",
+    "CREATE INDEX IF NOT EXISTS entries_model_task ON entries (model, task)",
+    "CREATE INDEX IF NOT EXISTS entries_used ON entries (used_at)",
+    # Running totals kept by triggers: stats and the size limit read one row, never a scan.
+    """CREATE TABLE IF NOT EXISTS totals (
+        id INTEGER PRIMARY KEY CHECK (id = 0),
+        entries INTEGER NOT NULL, bytes INTEGER NOT NULL, raw_bytes INTEGER NOT NULL
+    )""",
+    "INSERT OR IGNORE INTO totals VALUES (0, 0, 0, 0)",
+    """CREATE TRIGGER IF NOT EXISTS entries_insert AFTER INSERT ON entries BEGIN
+        UPDATE totals SET entries = entries + 1, bytes = bytes + new.size,
+            raw_bytes = raw_bytes + new.raw_size WHERE id = 0;
+    END""",
+    """CREATE TRIGGER IF NOT EXISTS entries_delete AFTER DELETE ON entries BEGIN
+        UPDATE totals SET entries = entries - 1, bytes = bytes - old.size,
+            raw_bytes = raw_bytes - old.raw_size WHERE id = 0;
+    END""",
+    """CREATE TRIGGER IF NOT EXISTS entries_resize AFTER UPDATE OF size, raw_size ON entries BEGIN
+        UPDATE totals SET bytes = bytes - old.size + new.size,
+            raw_bytes = raw_bytes - old.raw_size + new.raw_size WHERE id = 0;
+    END""",
+    """CREATE TABLE IF NOT EXISTS models (
+        digest TEXT PRIMARY KEY,
+        description TEXT NOT NULL,
+        first_seen REAL NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS files (
+        path TEXT PRIMARY KEY,
+        signature TEXT NOT NULL,
+        digest BLOB NOT NULL
+    )""",
+)
+_COLUMNS = "key, value, model, method, task, split, doc_id, created_at, model_seconds, raw_size, components, hits, used_at"
+_META_COLUMNS = _COLUMNS.replace("value,", "x'',")
 
 # Connections inherited through fork() must never be used or closed by the child (SQLite
 # forbids it): the child keeps them referenced here, for its lifetime, so GC never closes them.
@@ -187,6 +214,9 @@ class SQLiteStore(Store):
                 journal = "DELETE"
             else:
                 journal = "WAL"
+            # Only an empty file takes auto_vacuum, and only before the journal mode writes
+            # the header; it lets compact() return freed pages without rewriting the file.
+            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
             self._set_journal_mode(conn, journal)
             conn.execute(f"PRAGMA synchronous = {'FULL' if self._durable else 'NORMAL'}")
             self._create_schema(conn)
@@ -263,9 +293,8 @@ class SQLiteStore(Store):
         conn.execute("BEGIN IMMEDIATE")
         try:
             if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
+                for statement in _SCHEMA:
+                    conn.execute(statement)
                 conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             conn.execute("COMMIT")
@@ -317,36 +346,60 @@ class SQLiteStore(Store):
 
     # -- the interface ------------------------------------------------------------------
 
-    def get_many(self, keys: Sequence[bytes]) -> dict[bytes, bytes]:
+    def get_many(self, keys: Sequence[bytes], *, created_after: float | None = None) -> dict[bytes, bytes]:
         found: dict[bytes, bytes] = {}
+        fresh = "" if created_after is None else f" AND created_at >= {float(created_after)!r}"
         with self._lock, self._errors("reading"):
             conn = self._conn()
             for start in range(0, len(keys), _LOOKUP_CHUNK):
                 chunk = keys[start : start + _LOOKUP_CHUNK]
                 marks = ",".join("?" * len(chunk))
                 found.update(
-                    conn.execute(f"SELECT key, value FROM entries WHERE key IN ({marks})", chunk)
+                    conn.execute(f"SELECT key, value FROM entries WHERE key IN ({marks}){fresh}", chunk)
                 )
         return found
 
-    def put_many(self, entries: Sequence[Entry]) -> None:
+    def put_many(self, entries: Sequence[Entry], *, replace: bool = True) -> int:
         if not entries:
-            return
+            return 0
+        now = time.time()
         rows = [
-            (e.key, e.value, e.model, e.method, e.task, e.split, e.doc_id,
-             e.created_at or time.time(), len(e.value), e.model_seconds)
+            (e.key, e.value, e.model, e.method, e.task, e.split, e.doc_id, e.created_at or now,
+             e.model_seconds, e.raw_size, e.components, e.hits, e.used_at or e.created_at or now,
+             len(e.value))
             for e in entries
         ]  # fmt: skip
+        conflict = (
+            "DO UPDATE SET value = excluded.value, model = excluded.model, method = excluded.method, "
+            "task = excluded.task, split = excluded.split, doc_id = excluded.doc_id, "
+            "created_at = excluded.created_at, size = excluded.size, raw_size = excluded.raw_size, "
+            "model_seconds = excluded.model_seconds, components = excluded.components, "
+            "used_at = excluded.used_at"
+            if replace else "DO NOTHING"
+        )  # fmt: skip
+        count = "SELECT entries FROM totals WHERE id = 0"
         with self._transaction("writing") as conn:
+            before = conn.execute(count).fetchone()[0] if not replace else 0
             conn.executemany(
-                "INSERT INTO entries (key, value, model, method, task, split, doc_id, "
-                "created_at, size, model_seconds) VALUES (?,?,?,?,?,?,?,?,?,?) "
-                "ON CONFLICT (key) DO UPDATE SET value = excluded.value, model = excluded.model, "
-                "method = excluded.method, task = excluded.task, split = excluded.split, "
-                "doc_id = excluded.doc_id, created_at = excluded.created_at, "
-                "size = excluded.size, model_seconds = excluded.model_seconds",
+                f"INSERT INTO entries ({_COLUMNS}, size) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                f"ON CONFLICT (key) {conflict}",
                 rows,
             )
+            return len(rows) if replace else int(conn.execute(count).fetchone()[0] - before)
+
+    def touch(self, hits: Mapping[bytes, int], when: float) -> None:
+        if not hits or self.readonly:
+            return
+        with self._transaction("recording hits") as conn:
+            conn.executemany(
+                "UPDATE entries SET hits = hits + ?, used_at = max(used_at, ?) WHERE key = ?",
+                [(n, when, k) for k, n in hits.items()],
+            )
+
+    def get(self, key: bytes) -> Entry | None:
+        with self._lock, self._errors("reading"):
+            row = self._conn().execute(f"SELECT {_COLUMNS} FROM entries WHERE key = ?", (key,)).fetchone()
+        return Entry(*row) if row else None
 
     def delete(self, keys: Sequence[bytes]) -> int:
         removed = 0
@@ -357,43 +410,101 @@ class SQLiteStore(Store):
                 removed += conn.execute(f"DELETE FROM entries WHERE key IN ({marks})", chunk).rowcount
         return removed
 
-    def delete_where(self, *, model: str | None = None, task: str | None = None,
-                     method: str | None = None) -> int:  # fmt: skip
-        clauses, params = [], []
-        for column, value in (("model", model), ("task", task), ("method", method)):
-            if value is not None:
-                clauses.append(f"{column} = ?")
-                params.append(value)
-        where = " AND ".join(clauses) or "1"
+    def delete_where(self, where: Where) -> int:
+        clause, params = _where(where)
         with self._transaction("deleting") as conn:
-            return int(conn.execute(f"DELETE FROM entries WHERE {where}", params).rowcount)
+            return int(conn.execute(f"DELETE FROM entries WHERE {clause}", params).rowcount)
 
-    def scan(self) -> Iterator[Entry]:
-        # In pages by id: a cache of many gigabytes is never held in memory at once.
-        last = 0
-        while True:
+    def scan(self, where: Where | None = None, *, values: bool = True, limit: int | None = None,
+             recent_first: bool = False) -> Iterator[Entry]:  # fmt: skip
+        # In pages, by id or by last use: a cache of many gigabytes is never held in memory.
+        clause, params = _where(where or Where())
+        columns = _COLUMNS if values else _META_COLUMNS
+        if recent_first:
+            order, after_clause = "used_at DESC, id DESC", " AND (used_at, id) < (?, ?)"
+        else:
+            order, after_clause = "id", " AND id > ?"
+        last: list[Any] | None = None
+        left = limit
+        while left is None or left > 0:
+            page = _SCAN_PAGE if left is None else min(_SCAN_PAGE, left)
+            after = "" if last is None else after_clause
             with self._lock, self._errors("scanning"):
                 rows = self._conn().execute(
-                    "SELECT id, key, value, model, method, task, split, doc_id, created_at, "
-                    "model_seconds FROM entries WHERE id > ? ORDER BY id LIMIT ?",
-                    (last, _SCAN_PAGE),
+                    f"SELECT used_at, id, {columns} FROM entries WHERE {clause}{after} "
+                    f"ORDER BY {order} LIMIT ?",
+                    [*params, *(last or ()), page],
                 ).fetchall()
             for row in rows:
-                yield Entry(*row[1:])
-            if len(rows) < _SCAN_PAGE:
+                yield Entry(*row[2:])
+            if len(rows) < page:
                 return
-            last = rows[-1][0]
+            last = [rows[-1][0], rows[-1][1]] if recent_first else [rows[-1][1]]
+            if left is not None:
+                left -= len(rows)
 
     def stats(self) -> dict[str, Any]:
         with self._lock, self._errors("reading statistics"):
-            count, size = self._conn().execute(
-                "SELECT count(*), coalesce(sum(size), 0) FROM entries"
+            count, size, raw = self._conn().execute(
+                "SELECT entries, bytes, raw_bytes FROM totals WHERE id = 0"
             ).fetchone()
         on_disk = 0
         for suffix in ("", "-wal"):
             with contextlib.suppress(OSError):
                 on_disk += os.path.getsize(self.path + suffix)
-        return {"location": self.path, "entries": count, "bytes": size, "file_bytes": on_disk}
+        return {"location": self.path, "entries": count, "bytes": size, "raw_bytes": raw,
+                "file_bytes": on_disk}  # fmt: skip
+
+    def summary(self) -> dict[str, Any]:
+        out = self.stats()
+        grouped = (
+            "SELECT {col}, count(*), sum(size), sum(raw_size), sum(hits), sum(hits * model_seconds), "
+            "sum(model_seconds) FROM entries GROUP BY {col} ORDER BY sum(size) DESC"
+        )
+        names = ("entries", "bytes", "raw_bytes", "hits", "seconds_saved", "model_seconds")
+        with self._lock, self._errors("reading statistics"):
+            conn = self._conn()
+            for col, label in (("model", "by_model"), ("task", "by_task")):
+                out[label] = [
+                    {col: row[0], **dict(zip(names, row[1:], strict=True))}
+                    for row in conn.execute(grouped.format(col=col))
+                ]
+            hits, saved = conn.execute("SELECT coalesce(sum(hits), 0), coalesce(sum(hits * model_seconds), 0) "
+                                       "FROM entries").fetchone()  # fmt: skip
+        out["hits"] = hits
+        out["seconds_saved"] = saved
+        return out
+
+    def evict(self, max_bytes: int) -> tuple[int, int]:
+        removed = freed = 0
+        with self._transaction("evicting") as conn:
+            total = conn.execute("SELECT bytes FROM totals WHERE id = 0").fetchone()[0]
+            while total > max_bytes:
+                rows = conn.execute(
+                    "SELECT id, size FROM entries ORDER BY used_at, id LIMIT ?", (_EVICT_PAGE,)
+                ).fetchall()
+                if not rows:
+                    break
+                doomed = []
+                for row_id, size in rows:
+                    if total <= max_bytes:
+                        break
+                    doomed.append(row_id)
+                    total -= size
+                    freed += size
+                marks = ",".join("?" * len(doomed))
+                removed += conn.execute(f"DELETE FROM entries WHERE id IN ({marks})", doomed).rowcount
+        return removed, freed
+
+    def compact(self) -> None:
+        with self._lock, self._errors("compacting"):
+            conn = self._conn()
+            conn.executescript("PRAGMA incremental_vacuum;")  # exec steps it to the end; execute() frees one page
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def models(self) -> dict[str, str]:
+        with self._lock, self._errors("reading models"):
+            return dict(self._conn().execute("SELECT digest, description FROM models"))
 
     def file_digest(self, path: str, signature: tuple[int, ...]) -> bytes | None:
         with self._lock, self._errors("reading a file digest"):
@@ -438,6 +549,22 @@ class SQLiteStore(Store):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["directory"], readonly=state["readonly"],  # type: ignore[misc]
                       durable=state["durable"], timeout=state["timeout"])
+
+
+def _where(where: Where) -> tuple[str, list[Any]]:
+    clauses: list[str] = []
+    params: list[Any] = []
+    if where.models is not None:
+        clauses.append(f"model IN ({','.join('?' * len(where.models))})" if where.models else "0")
+        params.extend(where.models)
+    for column, value in (("task", where.task), ("method", where.method), ("doc_id", where.doc_id)):
+        if value is not None:
+            clauses.append(f"{column} = ?")
+            params.append(value)
+    if where.created_before is not None:
+        clauses.append("created_at < ?")
+        params.append(where.created_before)
+    return " AND ".join(clauses) or "1", params
 
 
 def _signature(signature: tuple[int, ...]) -> str:
