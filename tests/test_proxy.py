@@ -568,7 +568,7 @@ def test_a_failing_read_means_misses_and_one_warning(tmp_path, caplog, monkeypat
     lm = cached(Scripted(), tmp_path)
     lm.generate_until([lm_req("a"), lm_req("b")])
 
-    def broken(keys):
+    def broken(keys, **kwargs):
         raise StoreError("disk I/O error")
 
     monkeypatch.setattr(lm.cache_store, "get_many", broken)

@@ -21,9 +21,11 @@ from dataclasses import dataclass
 from types import MethodType
 from typing import Any
 
+import xxhash
+
 from .fingerprint import Encoder, Unfingerprintable, digest_bytes
 from .identity import ModelIdentity
-from .requests import DOC, MEDIA, RESOLVE, DocumentUnavailable, RequestView, Resolver, view
+from .requests import DOC, MEDIA, RESOLVE, VALUE, DocumentUnavailable, RequestView, Resolver, view
 
 __all__ = ["KEY_SCHEMA", "KeyBuilder", "RequestKey", "is_sampling"]
 
@@ -34,11 +36,26 @@ KEY_SCHEMA = b"lmms-cache/key/1"
 
 @dataclass(frozen=True)
 class RequestKey:
-    """A request's key, or why it has none (``key is None``: it bypasses the cache)."""
+    """A request's key, or why it has none (``key is None``: it bypasses the cache).
+
+    ``material`` and ``spans`` are the bytes the key was hashed from and where each
+    component lies in them: :meth:`components` digests them only when needed (a miss being
+    stored or explained), so a hit pays nothing for it.
+    """
 
     key: bytes | None
     view: RequestView | None
     bypass_reason: str | None = None
+    material: bytes = b""
+    spans: tuple[tuple[str, int, int], ...] = ()
+    occurrence: int | None = None
+
+    def components(self) -> dict[str, str]:
+        """Component name -> short hex digest (model, method, each argument and setting)."""
+        out = {name: xxhash.xxh3_64_hexdigest(self.material[a:b]) for name, a, b in self.spans}
+        if self.occurrence is not None:
+            out["occurrence"] = str(self.occurrence)
+        return out
 
 
 def is_sampling(gen_kwargs: Mapping[str, Any] | None, repeats: int) -> bool:
@@ -91,7 +108,7 @@ class KeyBuilder:
     def keys(self, method: str, requests: Sequence[Any]) -> list[RequestKey]:
         """One key per request, in order; the same object listed k times is k occurrences."""
         resolved: dict[tuple[Any, Any], bytes] = {}  # (callable, document) -> digest, this call
-        base: dict[int, tuple[bytes | None, RequestView | None, bool, str | None]] = {}
+        base: dict[int, _Base] = {}
         out = []
         prefix = self._prefix + method.encode() + b"\0"
         for request in requests:
@@ -99,17 +116,16 @@ class KeyBuilder:
             if found is None:
                 found = self._base(prefix, method, request, resolved)
                 base[id(request)] = found
-            key, rview, sampled, reason = found
+            key, rview, sampled, reason, material, spans = found
+            k = None
             if key is not None and sampled:
                 k = self._occurrences.get(key, 0)
                 self._occurrences[key] = k + 1
                 key = digest_bytes(key + b"#%d" % k)
-            out.append(RequestKey(key, rview, reason))
+            out.append(RequestKey(key, rview, reason, material, spans, k))
         return out
 
-    def _base(
-        self, prefix: bytes, method: str, request: Any, resolved: dict[tuple[Any, Any], bytes]
-    ) -> tuple[bytes | None, RequestView | None, bool, str | None]:
+    def _base(self, prefix: bytes, method: str, request: Any, resolved: dict[tuple[Any, Any], bytes]) -> _Base:
         try:
             rview = view(method, request)
         except TypeError as exc:
@@ -117,10 +133,15 @@ class KeyBuilder:
         out = bytearray(prefix)
         write = self._encoder.write
         need_address = False
+        n = len(KEY_SCHEMA) + 1
+        spans = [("model", n, n + 16), ("method", n + 17, len(out))]
         try:
             for part in rview.parts:
                 out += part.name.encode() + b"="
-                if part.role is RESOLVE and part.value is not None:
+                start = len(out)
+                if part.role is VALUE and isinstance(part.value, Mapping):
+                    self._write_settings(out, part.name, part.value, spans)
+                elif part.role is RESOLVE and part.value is not None:
                     d = self._resolved(part.value, rview, resolved)
                     if d is None:
                         need_address = True
@@ -135,24 +156,40 @@ class KeyBuilder:
                         out += d
                 else:
                     write(out, part.value, media=part.role is MEDIA)
+                spans.append((part.name, start, len(out)))
             if need_address:
                 for part in rview.address_args:
                     out += part.name.encode() + b"="
+                    start = len(out)
                     write(out, part.value)
+                    spans.append((part.name, start, len(out)))
         except Unfingerprintable as exc:
             self._warn("unfingerprintable", f"lmms-cache: a {method} request bypasses the cache: {exc}")
-            return None, rview, False, str(exc)
+            return None, rview, False, str(exc), b"", ()
         except _ResolveFailed as exc:
-            return None, rview, False, str(exc)
+            return None, rview, False, str(exc), b"", ()
         except Exception as exc:  # a value that breaks a fingerprint rule must not break the run
             self._warn(
                 "fingerprint-error",
                 f"lmms-cache: a {method} request bypasses the cache: fingerprinting it raised "
                 f"{type(exc).__name__}: {exc}",
             )
-            return None, rview, False, f"{type(exc).__name__}: {exc}"
+            return None, rview, False, f"{type(exc).__name__}: {exc}", b"", ()
         sampled = self._sampling if self._sampling is not None else is_sampling(rview.gen_kwargs, rview.repeats)
-        return digest_bytes(out), rview, sampled, None
+        material = bytes(out)
+        return digest_bytes(material), rview, sampled, None, material, tuple(spans)
+
+    def _write_settings(self, out: bytearray, name: str, mapping: Mapping[Any, Any],
+                        spans: list[tuple[str, int, int]]) -> None:  # fmt: skip
+        """A mapping's canonical bytes (exactly as :class:`Encoder` writes them), noting
+        where each setting lies so that a miss can name the one that changed."""
+        items = sorted(((self._encoder.encode(k), k, v) for k, v in mapping.items()), key=lambda t: t[0])
+        out += b"d%d:" % len(items)
+        for kb, k, v in items:
+            start = len(out)
+            out += kb
+            self._encoder.write(out, v)
+            spans.append((f"{name}.{k}", start, len(out)))
 
     def _resolved(self, fn: Any, rview: RequestView, memo: dict[tuple[Any, Any], bytes]) -> bytes | None:
         address = rview.address
@@ -202,6 +239,10 @@ class KeyBuilder:
 
 class _ResolveFailed(Exception):
     pass
+
+
+# (key, view, sampled, bypass reason, key material, component spans)
+_Base = tuple[bytes | None, RequestView | None, bool, str | None, bytes, tuple[tuple[str, int, int], ...]]
 
 
 def _callable_id(fn: Any) -> Any:

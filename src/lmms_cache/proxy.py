@@ -15,11 +15,14 @@ plus one warning per kind of problem.
 
 from __future__ import annotations
 
+import datetime
+import json
 import logging
 import math
 import os
 import sys
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -31,6 +34,7 @@ from .fingerprint import Encoder, FileDigests
 from .identity import ModelIdentity, identify
 from .key import KeyBuilder, RequestKey
 from .store import Entry, NullStore, Store, StoreError, default_location, open_store
+from .units import parse_duration, parse_size
 
 __all__ = ["DEFAULT_BATCH_SIZE", "METHODS", "MODES", "CacheMissError", "CacheStats", "CachedModel", "cached",
            "default_is_failure", "is_cached"]  # fmt: skip
@@ -44,6 +48,11 @@ MODES = ("readwrite", "readonly", "refresh", "off")
 # wrappers with num_concurrent) still gets enough work per call to stay efficient.
 DEFAULT_BATCH_SIZE = 64
 _MAX_PENDING = 100_000  # unsaved entries kept for a retry while the store refuses writes
+# Hit bookkeeping (counts and last use, for stats and LRU eviction) is written at most every
+# _TOUCH_EVERY seconds or _TOUCH_MAX distinct keys, and when the proxy closes or the process
+# exits: one statement per flush, never a write per hit.
+_TOUCH_EVERY = 10.0
+_TOUCH_MAX = 50_000
 
 _FAILURE_MARKERS = ("[LMMS_EVAL_REQUEST_FAILED", "[LMMS_EVAL_BUDGET_EXCEEDED]")
 
@@ -142,6 +151,8 @@ def cached(
     durable: bool = True,
     lockstep: bool | Callable[[int], int] = False,
     on_miss: str = "compute",
+    max_size: str | int | None = None,
+    expire_after: str | float | datetime.timedelta | None = None,
 ) -> CachedModel:
     """Wrap ``model`` so that every response it has given once is answered from disk.
 
@@ -172,6 +183,10 @@ def cached(
             ``torch.distributed``; a callable ``local_count -> max_count`` does it otherwise.
         on_miss: ``"compute"`` (default) sends misses to the model; ``"error"`` raises
             :class:`CacheMissError` listing them instead (replay-only runs).
+        max_size: a limit on the stored values (``"20GB"``, ``"512MiB"`` or bytes): writing
+            past it evicts the least recently used entries.
+        expire_after: entries older than this (``"30d"``, ``"12h"``, seconds or a
+            ``timedelta``) count as misses and are recomputed.
 
     Returns:
         A proxy that behaves like ``model``: ``isinstance(proxy, type(model))`` holds,
@@ -212,6 +227,8 @@ def cached(
         raise ValueError(f"batch_size must be an integer of at least 1, not {batch_size!r}")
     if is_failure is not None and not callable(is_failure):
         raise TypeError(f"is_failure must be callable, not {is_failure!r}")
+    max_bytes = parse_size(max_size) if max_size is not None else None
+    max_age = parse_duration(expire_after) if expire_after is not None else None
     if on_miss not in ("compute", "error"):
         raise ValueError(f"on_miss must be 'compute' or 'error', not {on_miss!r}")
     if sampling not in (None, True, False):
@@ -220,6 +237,7 @@ def cached(
         "path": os.fspath(path) if path is not None else None, "model_id": model_id,
         "batch_size": batch_size, "mode": mode, "is_failure": is_failure, "sampling": sampling,
         "progress": progress, "durable": durable, "lockstep": lockstep, "on_miss": on_miss,
+        "max_size": max_bytes, "expire_after": max_age,
     }  # fmt: skip
     return _proxy_class(type(model), methods)(model, options)
 
@@ -280,6 +298,11 @@ class CachedModel(wrapt.ObjectProxy):  # type: ignore[type-arg]
         self._self_progress = options["progress"]
         self._self_lockstep = options["lockstep"]
         self._self_on_miss = options["on_miss"]
+        self._self_max_size = options.get("max_size")
+        self._self_max_age = options.get("expire_after")
+        # Hits are recorded (counts, last use) in batches, not with a write per call.
+        self._self_touched: dict[bytes, int] = {}
+        self._self_touched_at = time.monotonic()
         self._self_stats = CacheStats()
         self._self_warned: set[str] = set()
         self._self_pending: list[Entry] = []
@@ -294,6 +317,7 @@ class CachedModel(wrapt.ObjectProxy):  # type: ignore[type-arg]
         self._self_keys = KeyBuilder(self._self_identity, model, Encoder(files),
                                      sampling=options["sampling"], warn=self._self_warn)  # fmt: skip
         if self._self_mode not in ("off", "readonly"):
+            weakref.finalize(self, _flush_touched, self._self_store, self._self_touched)
             self._self_guard(lambda: self._self_store.remember_model(
                 self._self_identity.digest, self._self_identity.json()), "recording the model")
 
@@ -370,6 +394,7 @@ class CachedModel(wrapt.ObjectProxy):  # type: ignore[type-arg]
                 todo[rk.key] = [i]
                 jobs.append((i, rk.key))
         stats.hits += hits
+        self._self_record_hits(keys, found)
         stats.bypassed += sum(1 for rk in keys if rk.key is None)
         if jobs and self._self_on_miss == "error":
             stats.refused += len(jobs)
@@ -450,7 +475,9 @@ class CachedModel(wrapt.ObjectProxy):  # type: ignore[type-arg]
         return Entry(key=key, value=value, model=self._self_identity.digest, method=method,
                      task=None if rv is None or rv.task is None else str(rv.task),
                      split=None if rv is None or rv.split is None else str(rv.split),
-                     doc_id=doc_id, created_at=now, model_seconds=seconds)  # fmt: skip
+                     doc_id=doc_id, created_at=now, model_seconds=seconds,
+                     raw_size=codec.raw_size(value), used_at=now,
+                     components=json.dumps(rk.components(), separators=(",", ":")))  # fmt: skip
 
     # -- the store, guarded -----------------------------------------------------------------
 
@@ -473,7 +500,9 @@ class CachedModel(wrapt.ObjectProxy):  # type: ignore[type-arg]
 
     def _self_lookup(self, keys: list[RequestKey]) -> dict[bytes, Any]:
         wanted = list({rk.key for rk in keys if rk.key is not None})
-        blobs = self._self_guard(lambda: self._self_store.get_many(wanted), "reading the cache", {})
+        fresh = None if self._self_max_age is None else time.time() - self._self_max_age
+        blobs = self._self_guard(lambda: self._self_store.get_many(wanted, created_after=fresh),
+                                 "reading the cache", {})  # fmt: skip
         found = {}
         for key, blob in blobs.items():
             try:
@@ -498,11 +527,29 @@ class CachedModel(wrapt.ObjectProxy):  # type: ignore[type-arg]
             return 0
         self._self_pending = []
         self._self_stats.written += len(pending)
+        if self._self_max_size is not None:
+            limit = self._self_max_size
+            self._self_guard(lambda: self._self_store.evict(limit), "evicting old entries")
         return len(pending)
 
     def _self_flush(self) -> None:
         self._self_save([])
         self._self_flush_files()
+        self._self_flush_touched()
+
+    def _self_record_hits(self, keys: list[RequestKey], found: dict[bytes, Any]) -> None:
+        if self._self_mode == "readonly" or not found:
+            return
+        touched = self._self_touched
+        for rk in keys:
+            if rk.key in found:
+                touched[rk.key] = touched.get(rk.key, 0) + 1
+        if len(touched) >= _TOUCH_MAX or time.monotonic() - self._self_touched_at >= _TOUCH_EVERY:
+            self._self_flush_touched()
+
+    def _self_flush_touched(self) -> None:
+        self._self_touched_at = time.monotonic()
+        self._self_guard(lambda: _flush_touched(self._self_store, self._self_touched), "recording hits")
 
     def _self_file_lookup(self, path: str, signature: tuple[int, ...]) -> bytes | None:
         return self._self_guard(lambda: self._self_store.file_digest(path, signature),  # type: ignore[no-any-return]
@@ -539,6 +586,14 @@ class CachedModel(wrapt.ObjectProxy):  # type: ignore[type-arg]
         from tqdm import tqdm
 
         return tqdm(total=total, desc=f"lmms-cache {method} misses", unit="req", leave=False)
+
+
+def _flush_touched(store: Store, touched: dict[bytes, int]) -> None:
+    """Write the hit counts gathered since the last flush (also at exit, by a finalizer)."""
+    if touched:
+        counts = dict(touched)
+        touched.clear()
+        store.touch(counts, time.time())
 
 
 def _torch_distributed_max(local: int) -> int:

@@ -1,0 +1,104 @@
+"""Size limits, expiry, hit bookkeeping and key components, through the proxy."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from fakes import FakeModel, gen_request, task_dict
+from lmms_cache import cached
+from lmms_cache.units import format_size, parse_duration, parse_size
+
+
+def model() -> FakeModel:
+    m = FakeModel()
+    m.task_dict = task_dict(8)
+    return m
+
+
+def test_max_size_keeps_the_cache_under_its_limit_evicting_the_least_recently_used(tmp_path):
+    first = cached(model(), tmp_path)
+    first.generate_until([gen_request(i) for i in range(4)])
+    first.cache_close()
+    per_entry = first.cache_store.stats()["bytes"] // 4
+    lm = cached(model(), tmp_path, max_size=per_entry * 4 + per_entry // 2)
+    lm.generate_until([gen_request(0)])  # doc 0 is now the most recently used
+    lm.cache_close()  # its hit is recorded
+    lm = cached(model(), tmp_path, max_size=per_entry * 4 + per_entry // 2)
+    lm.generate_until([gen_request(4), gen_request(5)])  # two new entries push two out
+    stats = lm.cache_store.stats()
+    assert stats["entries"] == 4 and stats["bytes"] <= per_entry * 4 + per_entry // 2
+    kept = sorted(int(e.doc_id) for e in lm.cache_store.scan(values=False))
+    assert kept == [0, 3, 4, 5]  # 1 and 2 were used least recently
+
+
+def test_expired_entries_are_recomputed(tmp_path, monkeypatch):
+    m = model()
+    cached(m, tmp_path).generate_until([gen_request(0), gen_request(1)])
+    later = time.time() + 3 * 86400
+    monkeypatch.setattr(time, "time", lambda: later)
+    fresh = model()
+    lm = cached(fresh, tmp_path, expire_after="2d")
+    lm.generate_until([gen_request(0), gen_request(1)])
+    assert lm.cache_stats.hits == 0 and fresh.calls == 1
+    again = model()
+    lm = cached(again, tmp_path, expire_after="2d")
+    lm.generate_until([gen_request(0), gen_request(1)])  # recomputed entries are new again
+    assert lm.cache_stats.hits == 2 and again.calls == 0
+
+
+def test_hits_are_recorded_in_batches_and_flushed_on_close(tmp_path):
+    cached(model(), tmp_path).generate_until([gen_request(0), gen_request(1)])
+    lm = cached(model(), tmp_path)
+    for _ in range(3):
+        lm.generate_until([gen_request(0)])
+    assert {e.doc_id: e.hits for e in lm.cache_store.scan(values=False)} == {"0": 0, "1": 0}  # not yet
+    lm.cache_close()
+    assert {e.doc_id: e.hits for e in lm.cache_store.scan(values=False)} == {"0": 3, "1": 0}
+
+
+def test_readonly_records_no_hits(tmp_path):
+    cached(model(), tmp_path).generate_until([gen_request(0)])
+    lm = cached(model(), tmp_path, mode="readonly")
+    lm.generate_until([gen_request(0)])
+    lm.cache_close()
+    assert [e.hits for e in cached(model(), tmp_path).cache_store.scan(values=False)] == [0]
+
+
+def test_each_entry_stores_the_digest_of_every_key_component(tmp_path):
+    lm = cached(model(), tmp_path)
+    lm.generate_until([gen_request(0, gen_kwargs={"max_new_tokens": 16, "temperature": 0})])
+    lm.generate_until([gen_request(0, gen_kwargs={"max_new_tokens": 32, "temperature": 0})])
+    a, b = (json.loads(e.components) for e in lm.cache_store.scan(values=False))
+    assert set(a) >= {"model", "method", "context", "gen_kwargs", "gen_kwargs.max_new_tokens",
+                      "gen_kwargs.temperature", "visual"}  # fmt: skip
+    assert sorted(k for k in a if a[k] != b[k]) == ["gen_kwargs", "gen_kwargs.max_new_tokens"]
+
+
+@pytest.mark.parametrize(("text", "value"), [("20GB", 20 * 10**9), ("512MiB", 512 * 2**20), ("100", 100),
+                                              ("1.5k", 1500), (7, 7)])  # fmt: skip
+def test_sizes_parse_as_people_write_them(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("30d", 30 * 86400), ("12h", 43200), ("90m", 5400),
+                                                ("45", 45), ("2w", 14 * 86400)])  # fmt: skip
+def test_durations_parse_as_people_write_them(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("bad", ["lots", "-5GB", "GB", ""])
+def test_a_bad_size_is_refused_at_once(tmp_path, bad):
+    with pytest.raises(ValueError, match="size"):
+        cached(model(), tmp_path, max_size=bad)
+
+
+def test_a_bad_duration_is_refused_at_once(tmp_path):
+    with pytest.raises(ValueError, match="duration"):
+        cached(model(), tmp_path, expire_after="soon")
+
+
+def test_format_size_is_readable():
+    assert (format_size(512), format_size(1536), format_size(3 * 2**30)) == ("512 B", "1.5 KiB", "3.0 GiB")
