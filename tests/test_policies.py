@@ -72,9 +72,67 @@ def test_each_entry_stores_the_digest_of_every_key_component(tmp_path):
     lm.generate_until([gen_request(0, gen_kwargs={"max_new_tokens": 16, "temperature": 0})])
     lm.generate_until([gen_request(0, gen_kwargs={"max_new_tokens": 32, "temperature": 0})])
     a, b = (json.loads(e.components) for e in lm.cache_store.scan(values=False))
-    assert set(a) >= {"model", "method", "context", "gen_kwargs", "gen_kwargs.max_new_tokens",
-                      "gen_kwargs.temperature", "visual"}  # fmt: skip
-    assert sorted(k for k in a if a[k] != b[k]) == ["gen_kwargs", "gen_kwargs.max_new_tokens"]
+    assert set(a["d"]) >= {"model", "method", "context", "gen_kwargs", "gen_kwargs.max_new_tokens",
+                           "gen_kwargs.temperature", "visual"}  # fmt: skip
+    assert sorted(k for k in a["d"] if a["d"][k] != b["d"][k]) == ["gen_kwargs", "gen_kwargs.max_new_tokens"]
+    # the readable values are the caller's, not what the model added in place afterwards
+    assert a["v"] == {"gen_kwargs.max_new_tokens": "16", "gen_kwargs.temperature": "0"}
+
+
+def explain(lm, requests):
+    return lm.cache_explain("generate_until", requests)
+
+
+def test_explain_names_the_setting_that_changed_with_its_values(tmp_path):
+    cached(model(), tmp_path).generate_until([gen_request(0), gen_request(1)])
+    lm = cached(model(), tmp_path)
+    lines = explain(lm, [gen_request(0), gen_request(1, gen_kwargs={"max_new_tokens": 32, "temperature": 0}),
+                         gen_request(2)])  # fmt: skip
+    assert lines == ["hit", "miss: gen_kwargs.max_new_tokens: 16 → 32",
+                     "miss: nothing stored for this document or prompt"]  # fmt: skip
+
+
+def test_explain_names_an_added_setting_a_changed_image_and_a_changed_prompt(tmp_path):
+    docs = task_dict(2)
+    m = model()
+    m.task_dict = docs
+    cached(m, tmp_path).generate_until([gen_request(0), gen_request(1)])
+    from fakes import image
+
+    docs["t"]["test"][1]["image"] = image((1, 2, 3))
+    m2 = model()
+    m2.task_dict = docs
+    lm = cached(m2, tmp_path)
+    lines = explain(lm, [gen_request(0, gen_kwargs={"max_new_tokens": 16, "temperature": 0, "top_p": 0.9}),
+                         gen_request(1), gen_request(0, context="another question")])  # fmt: skip
+    assert lines == ["miss: gen_kwargs.top_p added: 0.9", "miss: visual: content changed",
+                     "miss: context: content changed"]  # fmt: skip
+
+
+def test_explain_names_a_changed_model_and_does_not_use_up_samples(tmp_path):
+    cached(model(), tmp_path).generate_until([gen_request(0)])
+    other = FakeModel(pretrained="another/checkpoint")
+    other.task_dict = task_dict(8)
+    assert explain(cached(other, tmp_path), [gen_request(0)]) == ["miss: model identity changed"]
+    def sampled():  # a fresh request each time: the model adds defaults to gen_kwargs in place
+        return gen_request(3, gen_kwargs={"do_sample": True, "temperature": 0.7}, repeats=2)
+
+    lm = cached(model(), tmp_path)
+    lm.generate_until([sampled()])
+    assert explain(lm, [sampled()]) == ["miss: sample #2 is not stored yet"]
+    assert explain(lm, [sampled()]) == ["miss: sample #2 is not stored yet"]  # nothing used up
+    lm.generate_until([sampled()])
+    twice = sampled()
+    assert explain(cached(model(), tmp_path), [twice, twice]) == ["hit", "hit"]
+
+
+def test_a_miss_is_explained_in_a_debug_log_line(tmp_path, caplog):
+    import logging
+
+    cached(model(), tmp_path).generate_until([gen_request(0)])
+    caplog.set_level(logging.DEBUG, logger="lmms_cache")
+    cached(model(), tmp_path).generate_until([gen_request(0, gen_kwargs={"max_new_tokens": 8, "temperature": 0})])
+    assert any("gen_kwargs.max_new_tokens: 16 → 8" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize(("text", "value"), [("20GB", 20 * 10**9), ("512MiB", 512 * 2**20), ("100", 100),

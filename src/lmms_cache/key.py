@@ -105,11 +105,16 @@ class KeyBuilder:
             self._warned.add(kind)
             self._warn_to(kind, message)
 
-    def keys(self, method: str, requests: Sequence[Any]) -> list[RequestKey]:
-        """One key per request, in order; the same object listed k times is k occurrences."""
+    def keys(self, method: str, requests: Sequence[Any], *, count: bool = True) -> list[RequestKey]:
+        """One key per request, in order; the same object listed k times is k occurrences.
+
+        ``count=False`` computes the keys the next call would get without using up sampled
+        occurrences (for explaining).
+        """
         resolved: dict[tuple[Any, Any], bytes] = {}  # (callable, document) -> digest, this call
         base: dict[int, _Base] = {}
         out = []
+        occurrences = self._occurrences if count else dict(self._occurrences)
         prefix = self._prefix + method.encode() + b"\0"
         for request in requests:
             found = base.get(id(request))
@@ -119,8 +124,8 @@ class KeyBuilder:
             key, rview, sampled, reason, material, spans = found
             k = None
             if key is not None and sampled:
-                k = self._occurrences.get(key, 0)
-                self._occurrences[key] = k + 1
+                k = occurrences.get(key, 0)
+                occurrences[key] = k + 1
                 key = digest_bytes(key + b"#%d" % k)
             out.append(RequestKey(key, rview, reason, material, spans, k))
         return out

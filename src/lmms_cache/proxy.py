@@ -16,7 +16,6 @@ plus one warning per kind of problem.
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import math
 import os
@@ -30,6 +29,7 @@ from typing import Any
 import wrapt
 
 from . import codec
+from .explain import describe, explain_against
 from .fingerprint import Encoder, FileDigests
 from .identity import ModelIdentity, identify
 from .key import KeyBuilder, RequestKey
@@ -338,6 +338,39 @@ class CachedModel(wrapt.ObjectProxy):  # type: ignore[type-arg]
         """The store behind the proxy (a :class:`NullStore` when the cache is unusable)."""
         return self._self_store
 
+    def cache_explain(self, method: str, requests: Sequence[Any]) -> list[str]:
+        """Why each request would hit or miss, without calling the model or using up samples.
+
+        Returns one line per request: ``"hit"``, ``"uncacheable: …"`` or ``"miss: …"``
+        naming what differs from the nearest stored entry of the same document or prompt
+        (``gen_kwargs.max_new_tokens: 16 → 32``, ``visual: content changed``,
+        ``model identity changed``).
+        """
+        requests = list(requests)
+        keys = self._self_keys.keys(method, requests, count=False)
+        wanted = [rk.key for rk in keys if rk.key is not None]
+        fresh = None if self._self_max_age is None else time.time() - self._self_max_age
+        stored = self._self_guard(lambda: self._self_store.get_many(wanted, created_after=fresh),
+                                  "reading the cache", {})  # fmt: skip
+        out = []
+        for rk in keys:
+            if rk.key is None:
+                out.append(f"uncacheable: {rk.bypass_reason}")
+            elif rk.key in stored:
+                out.append("hit")
+            else:
+                out.append("miss: " + self._self_why(method, rk, describe(rk)[0]))
+        return out
+
+    def _self_why(self, method: str, rk: RequestKey, description: str) -> str:
+        rv = rk.view
+        prompt = describe(rk)[1]
+        candidates = self._self_guard(lambda: self._self_store.similar(
+            method, task=None if rv is None or rv.task is None else str(rv.task),
+            doc_id=None if rv is None or rv.doc_id is None else str(rv.doc_id), prompt=prompt,
+        ), "reading the cache", [])  # fmt: skip
+        return explain_against(description, candidates)
+
     def cache_close(self) -> None:
         """Retry unsaved entries once more and release the store's connection."""
         self._self_flush()
@@ -399,8 +432,15 @@ class CachedModel(wrapt.ObjectProxy):  # type: ignore[type-arg]
         if jobs and self._self_on_miss == "error":
             stats.refused += len(jobs)
             raise CacheMissError(method, [keys[i] for i, _ in jobs], [requests[i] for i, _ in jobs])
+        # Described now, before the model can change gen_kwargs in place.
+        described = {key: describe(keys[i]) for i, key in jobs if key is not None}
+        if described and log.isEnabledFor(logging.DEBUG):
+            for i, key in jobs:
+                if key is not None:
+                    log.debug("lmms-cache %s miss %s: %s", method, key.hex()[:12],
+                              self._self_why(method, keys[i], described[key][0]))
         written, failures, model_seconds = self._self_compute(
-            method, model_method, requests, keys, jobs, todo, results, args, kwargs
+            method, model_method, requests, keys, jobs, todo, results, args, kwargs, described
         )
         self._self_flush_files()
         log.info(
@@ -413,7 +453,8 @@ class CachedModel(wrapt.ObjectProxy):  # type: ignore[type-arg]
     def _self_compute(self, method: str, model_method: Callable[..., Any], requests: list[Any],
                       keys: list[RequestKey], jobs: list[tuple[int, bytes | None]],
                       todo: dict[bytes, list[int]], results: list[Any], args: tuple[Any, ...],
-                      kwargs: dict[str, Any]) -> tuple[int, int, float]:  # fmt: skip
+                      kwargs: dict[str, Any], described: dict[bytes, tuple[str, str | None]],
+                      ) -> tuple[int, int, float]:  # fmt: skip
         size = self._self_batch_size
         batches = [jobs[s : s + size] for s in range(0, len(jobs), size)]
         padding = self._self_padding(len(batches))
@@ -447,7 +488,8 @@ class CachedModel(wrapt.ObjectProxy):  # type: ignore[type-arg]
                     if self._self_is_failure(response):
                         failures += 1
                         continue
-                    entry = self._self_entry(method, key, keys[i], response, now, elapsed / len(batch))
+                    entry = self._self_entry(method, key, keys[i], response, now, elapsed / len(batch),
+                                             described[key])  # fmt: skip
                     if entry is not None:
                         entries.append(entry)
                 written += self._self_save(entries)
@@ -463,7 +505,7 @@ class CachedModel(wrapt.ObjectProxy):  # type: ignore[type-arg]
         return written, failures, model_seconds
 
     def _self_entry(self, method: str, key: bytes, rk: RequestKey, response: Any, now: float,
-                    seconds: float) -> Entry | None:  # fmt: skip
+                    seconds: float, described: tuple[str, str | None]) -> Entry | None:  # fmt: skip
         try:
             value = codec.encode(response)
         except Exception as exc:  # anything dill cannot serialize stays uncached
@@ -477,7 +519,7 @@ class CachedModel(wrapt.ObjectProxy):  # type: ignore[type-arg]
                      split=None if rv is None or rv.split is None else str(rv.split),
                      doc_id=doc_id, created_at=now, model_seconds=seconds,
                      raw_size=codec.raw_size(value), used_at=now,
-                     components=json.dumps(rk.components(), separators=(",", ":")))  # fmt: skip
+                     components=described[0], prompt=described[1])  # fmt: skip
 
     # -- the store, guarded -----------------------------------------------------------------
 

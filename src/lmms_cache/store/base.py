@@ -37,6 +37,7 @@ class Entry:
     components: str | None = None  # JSON {key component: hex digest}, for explaining misses
     hits: int = 0
     used_at: float = 0.0  # the last hit, else the creation: what LRU eviction orders by
+    prompt: str | None = None  # digest of the prompt component: finds entries to explain a miss
 
     @property
     def size(self) -> int:
@@ -108,6 +109,12 @@ class Store(ABC):
     def models(self) -> dict[str, str]:
         """Model identity digest -> its description (JSON without secrets)."""
 
+    @abstractmethod
+    def similar(self, method: str, *, task: str | None, doc_id: str | None, prompt: str | None,
+                limit: int = 50) -> list[Entry]:  # fmt: skip
+        """Entries (metadata only) of ``method`` for the same document or the same prompt
+        digest, most recently used first: the candidates to explain a miss against."""
+
     def compact(self) -> None:
         """Give the space of deleted entries back to the file system."""
 
@@ -170,6 +177,10 @@ class NullStore(Store):
 
     def models(self) -> dict[str, str]:
         return {}
+
+    def similar(self, method: str, *, task: str | None, doc_id: str | None, prompt: str | None,
+                limit: int = 50) -> list[Entry]:  # fmt: skip
+        return []
 
     def delete(self, keys: Sequence[bytes]) -> int:
         return 0

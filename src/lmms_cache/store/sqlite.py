@@ -67,9 +67,13 @@ _SCHEMA = (
         model_seconds REAL NOT NULL DEFAULT 0,
         hits INTEGER NOT NULL DEFAULT 0,
         used_at REAL NOT NULL,
-        components TEXT
+        components TEXT,
+        prompt TEXT
     )""",
     "CREATE INDEX IF NOT EXISTS entries_model_task ON entries (model, task)",
+    # Explaining a miss looks for the stored entries of the same document or prompt.
+    "CREATE INDEX IF NOT EXISTS entries_document ON entries (task, doc_id)",
+    "CREATE INDEX IF NOT EXISTS entries_prompt ON entries (prompt)",
     "CREATE INDEX IF NOT EXISTS entries_used ON entries (used_at)",
     # Running totals kept by triggers: stats and the size limit read one row, never a scan.
     """CREATE TABLE IF NOT EXISTS totals (
@@ -100,7 +104,8 @@ _SCHEMA = (
         digest BLOB NOT NULL
     )""",
 )
-_COLUMNS = "key, value, model, method, task, split, doc_id, created_at, model_seconds, raw_size, components, hits, used_at"
+_COLUMNS = ("key, value, model, method, task, split, doc_id, created_at, model_seconds, raw_size, "
+            "components, hits, used_at, prompt")
 _META_COLUMNS = _COLUMNS.replace("value,", "x'',")
 
 # Connections inherited through fork() must never be used or closed by the child (SQLite
@@ -366,7 +371,7 @@ class SQLiteStore(Store):
         rows = [
             (e.key, e.value, e.model, e.method, e.task, e.split, e.doc_id, e.created_at or now,
              e.model_seconds, e.raw_size, e.components, e.hits, e.used_at or e.created_at or now,
-             len(e.value))
+             e.prompt, len(e.value))
             for e in entries
         ]  # fmt: skip
         conflict = (
@@ -374,14 +379,14 @@ class SQLiteStore(Store):
             "task = excluded.task, split = excluded.split, doc_id = excluded.doc_id, "
             "created_at = excluded.created_at, size = excluded.size, raw_size = excluded.raw_size, "
             "model_seconds = excluded.model_seconds, components = excluded.components, "
-            "used_at = excluded.used_at"
+            "used_at = excluded.used_at, prompt = excluded.prompt"
             if replace else "DO NOTHING"
         )  # fmt: skip
         count = "SELECT entries FROM totals WHERE id = 0"
         with self._transaction("writing") as conn:
             before = conn.execute(count).fetchone()[0] if not replace else 0
             conn.executemany(
-                f"INSERT INTO entries ({_COLUMNS}, size) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                f"INSERT INTO entries ({_COLUMNS}, size) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
                 f"ON CONFLICT (key) {conflict}",
                 rows,
             )
@@ -495,6 +500,25 @@ class SQLiteStore(Store):
                 marks = ",".join("?" * len(doomed))
                 removed += conn.execute(f"DELETE FROM entries WHERE id IN ({marks})", doomed).rowcount
         return removed, freed
+
+    def similar(self, method: str, *, task: str | None, doc_id: str | None, prompt: str | None,
+                limit: int = 50) -> list[Entry]:  # fmt: skip
+        clauses = []
+        params: list[Any] = [method]
+        if task is not None and doc_id is not None:
+            clauses.append("(task = ? AND doc_id = ?)")
+            params += [task, doc_id]
+        if prompt is not None:
+            clauses.append("prompt = ?")
+            params.append(prompt)
+        if not clauses:
+            return []
+        with self._lock, self._errors("reading"):
+            rows = self._conn().execute(
+                f"SELECT {_META_COLUMNS} FROM entries WHERE method = ? AND ({' OR '.join(clauses)}) "
+                "ORDER BY used_at DESC LIMIT ?", [*params, limit],
+            ).fetchall()  # fmt: skip
+        return [Entry(*row) for row in rows]
 
     def compact(self) -> None:
         with self._lock, self._errors("compacting"):
