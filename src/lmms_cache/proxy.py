@@ -153,6 +153,7 @@ def cached(
     on_miss: str = "compute",
     max_size: str | int | None = None,
     expire_after: str | float | datetime.timedelta | None = None,
+    trust: bool = False,
 ) -> CachedModel:
     """Wrap ``model`` so that every response it has given once is answered from disk.
 
@@ -187,6 +188,9 @@ def cached(
             past it evicts the least recently used entries.
         expire_after: entries older than this (``"30d"``, ``"12h"``, seconds or a
             ``timedelta``) count as misses and are recomputed.
+        trust: use a cache file owned by another user. Values are pickles and loading one
+            runs code, so such a file is refused (with a warning, running uncached) unless
+            trusted.
 
     Returns:
         A proxy that behaves like ``model``: ``isinstance(proxy, type(model))`` holds,
@@ -237,7 +241,7 @@ def cached(
         "path": os.fspath(path) if path is not None else None, "model_id": model_id,
         "batch_size": batch_size, "mode": mode, "is_failure": is_failure, "sampling": sampling,
         "progress": progress, "durable": durable, "lockstep": lockstep, "on_miss": on_miss,
-        "max_size": max_bytes, "expire_after": max_age,
+        "max_size": max_bytes, "expire_after": max_age, "trust": trust,
     }  # fmt: skip
     return _proxy_class(type(model), methods)(model, options)
 
@@ -527,7 +531,8 @@ class CachedModel(wrapt.ObjectProxy):  # type: ignore[type-arg]
         if self._self_mode == "off":
             return NullStore(self._self_location, "mode off")
         try:
-            return open_store(self._self_location, readonly=self._self_mode == "readonly", durable=durable)
+            return open_store(self._self_location, readonly=self._self_mode == "readonly", durable=durable,
+                              trust=self._self_options.get("trust", False))  # fmt: skip
         except StoreError as exc:
             self._self_warn("open", f"lmms-cache: the cache is unusable ({exc}); running uncached. "
                             "The model's responses are returned as usual but not saved.")

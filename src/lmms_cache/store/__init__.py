@@ -21,11 +21,13 @@ def default_location() -> str:
 
 
 def open_store(location: str | os.PathLike[str] | None = None, *, readonly: bool = False,
-               durable: bool = True) -> Store:
+               durable: bool = True, trust: bool = False) -> Store:  # fmt: skip
     """Open the store at ``location`` (a directory; the default when None).
 
+    ``trust`` accepts a cache file owned by another user (its values are pickles).
+
     Raises:
-        StoreError: the location cannot hold a cache.
+        StoreError: the location cannot hold a cache, or belongs to another user.
     """
     path = os.fspath(location) if location is not None else default_location()
-    return SQLiteStore(path, readonly=readonly, durable=durable)
+    return SQLiteStore(path, readonly=readonly, durable=durable, trust=trust)

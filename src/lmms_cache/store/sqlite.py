@@ -157,12 +157,15 @@ class SQLiteStore(Store):
     """
 
     def __init__(
-        self, directory: str, *, readonly: bool = False, durable: bool = True, timeout: float = 60.0
-    ) -> None:
+        self, directory: str, *, readonly: bool = False, durable: bool = True, timeout: float = 60.0,
+        filename: str = FILENAME, trust: bool = False,
+    ) -> None:  # fmt: skip
         self.directory = os.path.abspath(os.path.expanduser(directory))
-        self.path = os.path.join(self.directory, FILENAME)
+        self.path = os.path.join(self.directory, filename)
         self.location = self.path
         self.readonly = readonly
+        self._filename = filename
+        self._trust = trust
         self._durable = durable
         self._timeout = timeout
         self._lock = threading.RLock()
@@ -182,6 +185,7 @@ class SQLiteStore(Store):
         return self._conn_obj
 
     def _connect(self) -> None:
+        self._check_owner()
         try:
             conn = self._open_readonly() if self.readonly else self._open_readwrite()
         except sqlite3.DatabaseError as exc:
@@ -271,6 +275,20 @@ class SQLiteStore(Store):
             raise
         return conn
 
+    def _check_owner(self) -> None:
+        """Values are pickles, and loading a pickle runs code: a cache written by another
+        user is refused unless the caller trusts it."""
+        try:
+            owner = os.stat(self.path).st_uid
+        except OSError:
+            return
+        if owner != os.geteuid() and not self._trust:
+            raise StoreError(
+                f"{self.path} belongs to another user (uid {owner}); its values are pickles and "
+                "loading them would run code that user wrote. Trust it explicitly (trust=True, "
+                "or --trust on the command line) to use it."
+            )
+
     def _check_ours(self, conn: sqlite3.Connection) -> None:
         # One read transaction: another process may be creating the schema right now, and
         # its tables must not be seen without its application_id.
@@ -308,7 +326,7 @@ class SQLiteStore(Store):
                 conn.execute("ROLLBACK")
             raise
 
-    def _set_aside(self, exc: Exception) -> None:
+    def _set_aside(self, exc: Exception, *, quiet: bool = False) -> str:
         aside = f"{self.path}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
         n = 1
         while os.path.lexists(aside):  # never overwrite the evidence of an earlier damage
@@ -322,17 +340,38 @@ class SQLiteStore(Store):
         except OSError as exc2:
             raise StoreError(f"the cache at {self.path} is damaged ({exc}) and cannot be "
                              f"moved aside ({exc2})") from exc
-        log.warning("lmms-cache: the cache at %s was damaged (%s); it was moved to %s and a "
-                    "new one started", self.path, exc, aside)
+        if not quiet:
+            log.warning("lmms-cache: the cache at %s was damaged (%s); it was moved to %s and a "
+                        "new one started", self.path, exc, aside)
+        return aside
 
     @contextlib.contextmanager
     def _errors(self, what: str) -> Iterator[None]:
         try:
             yield
         except sqlite3.Error as exc:
+            if not self.readonly and any(m in str(exc) for m in _CORRUPT):
+                # Opening reads only the first page: damage further in shows up here. Set
+                # the file aside now, so that one warning is all it costs and later
+                # operations work on a fresh cache.
+                aside = self._recover(exc)
+                raise StoreError(f"{what} failed: the cache at {self.path} was damaged ({exc}); "
+                                 f"it was moved to {aside} and a new one started") from exc
             raise StoreError(f"{what} failed on {self.path}: {exc}") from exc
         except OSError as exc:
             raise StoreError(f"{what} failed on {self.path}: {exc}") from exc
+
+    def _recover(self, exc: Exception) -> str:
+        if self._conn_obj is not None and self._conn_pid == os.getpid():
+            with contextlib.suppress(sqlite3.Error):
+                self._conn_obj.close()
+        self._conn_obj = None
+        try:
+            aside = self._set_aside(exc, quiet=True)
+            self._connect()
+        except StoreError as exc2:
+            return f"nowhere ({exc2})"
+        return aside
 
     @contextlib.contextmanager
     def _transaction(self, what: str) -> Iterator[sqlite3.Connection]:
@@ -567,12 +606,11 @@ class SQLiteStore(Store):
             self._conn_obj = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"directory": self.directory, "readonly": self.readonly,
-                "durable": self._durable, "timeout": self._timeout}  # fmt: skip
+        return {"directory": self.directory, "readonly": self.readonly, "durable": self._durable,
+                "timeout": self._timeout, "filename": self._filename, "trust": self._trust}  # fmt: skip
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["directory"], readonly=state["readonly"],  # type: ignore[misc]
-                      durable=state["durable"], timeout=state["timeout"])
+        self.__init__(state.pop("directory"), **state)  # type: ignore[misc]
 
 
 def _where(where: Where) -> tuple[str, list[Any]]:
