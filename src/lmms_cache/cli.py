@@ -6,31 +6,212 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import __version__
+from . import __version__, codec, manage
 from .identity import model_id_from_arguments
 from .lazy import lazy_model
 from .proxy import cached
-from .store import StoreError, Where, default_location, open_store
+from .store import Store, StoreError, Where, default_location, open_store
+from .units import format_size, parse_duration, parse_size
+
+
+def _fail(message: str, code: int = 1) -> int:
+    print(f"lmms-cache: {message}", file=sys.stderr)
+    return code
+
+
+def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """Rows as aligned text columns (numbers right-aligned)."""
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
+    numeric = [all(isinstance(row.get(c), (int, float)) for row in rows) and rows for c in columns]
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric, strict=True)).rstrip()
+    return "\n".join([line(columns), line(["-" * w for w in widths]), *(line(r) for r in cells)])
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.2f}"
+    return str(v)
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else ""
+
+
+def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True, default=str) if args.json else text)
+
+
+def _progress(args: argparse.Namespace, total: int, what: str) -> Any:
+    if args.json or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=what, unit="entry", leave=False)
+
+
+def _open(args: argparse.Namespace, *, readonly: bool) -> Store:
+    return manage.open_for_cli(args.path, readonly=readonly, trust=getattr(args, "trust", False))
+
+
+def _filter(args: argparse.Namespace) -> manage.Filter:
+    return manage.Filter(model=args.model, task=args.task, method=args.method, doc_id=args.doc_id,
+                         older_than=parse_duration(args.older_than) if args.older_than else None)  # fmt: skip
 
 
 def _stats(args: argparse.Namespace) -> int:
-    try:
-        store = open_store(args.path, readonly=True)
-    except StoreError as exc:
-        print(f"lmms-cache: {exc}", file=sys.stderr)
-        return 1
-    stats = store.stats()
-    store.close()
-    if args.json:
-        print(json.dumps(stats, indent=2, sort_keys=True))
-    else:
-        width = max(map(len, stats))
-        for name, value in stats.items():
-            print(f"{name:<{width}}  {value}")
+    store = _open(args, readonly=True)
+    summary = store.summary()
+    name = manage.label(store)
+    for row in summary["by_model"]:
+        row["label"] = name(row["model"])
+    ratio = summary["raw_bytes"] / summary["bytes"] if summary["bytes"] else 1.0
+    summary["compression_ratio"] = round(ratio, 2)
+    text = [
+        f"cache             {summary['location']}",
+        f"entries           {summary['entries']}",
+        f"values            {format_size(summary['bytes'])} stored, {format_size(summary['raw_bytes'])} "
+        f"uncompressed (ratio {ratio:.2f})",
+        f"on disk           {format_size(summary['file_bytes'])}",
+        f"hits served       {summary['hits']}",
+        f"model time saved  {summary['seconds_saved']:.1f} s",
+        "",
+        _table([{**r, "bytes": format_size(r["bytes"])} for r in summary["by_model"]],
+               ["label", "entries", "bytes", "hits", "seconds_saved"]),
+        "",
+        _table([{**r, "bytes": format_size(r["bytes"])} for r in summary["by_task"]],
+               ["task", "entries", "bytes", "hits", "seconds_saved"]),
+    ]  # fmt: skip
+    _emit(args, summary, "\n".join(text))
     return 0
+
+
+def _ls(args: argparse.Namespace) -> int:
+    store = _open(args, readonly=True)
+    name = manage.label(store)
+    rows = []
+    for e in store.scan(_filter(args).where(store), limit=args.limit, recent_first=True):
+        rows.append({"key": e.key.hex()[:16], "model": name(e.model), "method": e.method, "task": e.task,
+                     "split": e.split, "doc_id": e.doc_id, "bytes": e.size, "hits": e.hits,
+                     "created": _when(e.created_at), "response": manage.preview(e)})  # fmt: skip
+    _emit(args, rows, _table(rows, ["key", "model", "method", "task", "doc_id", "bytes", "hits", "created",
+                                    "response"]))  # fmt: skip
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    store = _open(args, readonly=True)
+    try:
+        e = manage.find(store, args.key)
+    except KeyError as exc:
+        return _fail(str(exc.args[0]))
+    try:
+        value: Any = codec.decode(e.value)
+    except codec.CodecError as exc:
+        value = f"<unreadable: {exc}>"
+    data = {"key": e.key.hex(), "model": e.model, "model_label": manage.label(store)(e.model),
+            "model_description": store.models().get(e.model), "method": e.method, "task": e.task,
+            "split": e.split, "doc_id": e.doc_id, "created_at": _when(e.created_at),
+            "last_used": _when(e.used_at), "hits": e.hits, "bytes": e.size, "raw_bytes": e.raw_size,
+            "model_seconds": e.model_seconds,
+            "components": json.loads(e.components) if e.components else None, "response": repr(value)}  # fmt: skip
+    _emit(args, data, "\n".join(f"{k:<18} {v}" for k, v in data.items()))
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    store = _open(args, readonly=True)
+    rows = manage.explain_document(store, args.task, args.doc_id, args.method)
+    if not rows:
+        return _fail(f"nothing stored for task {args.task!r}, doc_id {args.doc_id!r}")
+    name = manage.label(store)
+    lines = []
+    for r in rows:
+        what = "; ".join(r["differs"]) if r["differs"] else "(the most recent)"
+        lines.append(f"{r['key'][:16]}  {r['method']:<16} {name(r['model']):<28} {_when(r['created_at'])}  {what}")
+    _emit(args, rows, "\n".join(lines))
+    return 0
+
+
+def _rm(args: argparse.Namespace) -> int:
+    f = _filter(args)
+    if f.empty:
+        return _fail("rm needs a filter (--model, --task, --method, --doc-id, --older-than); "
+                     "to delete everything use: lmms-cache clear --yes", 2)  # fmt: skip
+    store = _open(args, readonly=False)
+    removed = store.delete_where(f.where(store))
+    store.compact()
+    _emit(args, {"removed": removed}, f"removed {removed} entries")
+    return 0
+
+
+def _clear(args: argparse.Namespace) -> int:
+    if not args.yes:
+        return _fail("clear deletes every entry; add --yes to do it", 2)
+    store = _open(args, readonly=False)
+    removed = store.delete_where(Where())
+    store.compact()
+    _emit(args, {"removed": removed}, f"removed {removed} entries")
+    return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    if args.max_size is None and args.older_than is None:
+        return _fail("prune needs --max-size and/or --older-than", 2)
+    store = _open(args, readonly=False)
+    removed, freed = manage.prune(store, max_size=parse_size(args.max_size) if args.max_size else None,
+                                  older_than=parse_duration(args.older_than) if args.older_than else None)  # fmt: skip
+    _emit(args, {"removed": removed, "bytes": freed}, f"removed {removed} entries ({format_size(freed)})")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    store = _open(args, readonly=True)
+    bar = _progress(args, store.stats()["entries"], "exporting")
+    try:
+        n = manage.export(store, args.file, _filter(args).where(store), bar.update if bar else None)
+    except FileExistsError as exc:
+        return _fail(str(exc))
+    finally:
+        if bar is not None:
+            bar.close()
+    _emit(args, {"exported": n, "file": args.file}, f"exported {n} entries to {args.file}")
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    store = open_store(args.path, trust=args.trust)  # importing into a new cache creates it
+    try:
+        counts = manage.import_(store, args.file, trust=args.trust)
+    except FileNotFoundError as exc:
+        return _fail(f"no such file: {exc}")
+    _emit(args, counts, f"added {counts['added']} entries; {counts['conflicts']} already there kept their "
+                        f"value; {counts['damaged']} damaged skipped")  # fmt: skip
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    store = _open(args, readonly=not args.drop)
+    total = store.stats()["entries"]
+    bar = _progress(args, total, "verifying")
+    try:
+        bad = manage.verify(store, drop=args.drop, progress=bar.update if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    data = {"checked": total, "damaged": [k.hex() for k in bad], "dropped": len(bad) if args.drop else 0}
+    text = f"checked {data['checked']} entries: {len(bad)} damaged" + (
+        "".join(f"\n  {k.hex()}" for k in bad) + ("\n(dropped)" if args.drop else "\n(re-run with --drop to delete them)")
+        if bad else "")  # fmt: skip
+    _emit(args, data, text)
+    return 1 if bad and not args.drop else 0
 
 
 class _CachingFactory:
@@ -122,11 +303,46 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmms-cache", description=__doc__)
     parser.add_argument("--version", action="version", version=f"lmms-cache {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    stats = commands.add_parser("stats", help="entries and bytes in a cache")
-    stats.add_argument("path", nargs="?", default=None,
-                       help=f"the cache directory (default: $LMMS_CACHE_DIR, else {default_location()})")
-    stats.add_argument("--json", action="store_true", help="machine-readable output")
-    stats.set_defaults(run=_stats)
+    where = f"the cache directory (default: $LMMS_CACHE_DIR, else {default_location()})"
+
+    def command(name: str, run: Callable[[argparse.Namespace], int], help: str, *, json_out: bool = True,
+                filters: bool = False) -> argparse.ArgumentParser:  # fmt: skip
+        p = commands.add_parser(name, help=help, description=help)
+        p.add_argument("path", nargs="?", default=None, help=where)
+        if json_out:
+            p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.add_argument("--trust", action="store_true",
+                       help="read a cache owned by another user (its values are pickles: they run code)")
+        if filters:
+            p.add_argument("--model", help="a model identity digest prefix, or text in its description")
+            p.add_argument("--task")
+            p.add_argument("--method")
+            p.add_argument("--doc-id", dest="doc_id")
+            p.add_argument("--older-than", dest="older_than", help="e.g. 30d, 12h")
+        p.set_defaults(run=run)
+        return p
+
+    command("stats", _stats, "entries, sizes, compression, hits and model time saved, by model and task")
+    ls = command("ls", _ls, "one row per entry, most recently used first", filters=True)
+    ls.add_argument("--limit", type=int, default=50)
+    show = command("show", _show, "one whole entry")
+    show.add_argument("key", help="the entry's key, or enough of its first hex characters")
+    ex = command("explain", _explain, "how the stored entries of one document differ from each other")
+    ex.add_argument("--task", required=True)
+    ex.add_argument("--doc-id", dest="doc_id", required=True)
+    ex.add_argument("--method")
+    command("rm", _rm, "delete the entries the filters select", filters=True)
+    clear = command("clear", _clear, "delete every entry")
+    clear.add_argument("--yes", action="store_true", help="really delete everything")
+    prune = command("prune", _prune, "delete old or least recently used entries; give the space back")
+    prune.add_argument("--max-size", dest="max_size", help="keep at most this much of values, e.g. 20GB")
+    prune.add_argument("--older-than", dest="older_than", help="delete entries older than this, e.g. 30d")
+    exp = command("export", _export, "write entries to a portable file", filters=True)
+    exp.add_argument("file")
+    imp = command("import", _import, "merge entries from an exported file (existing entries win)")
+    imp.add_argument("file")
+    ver = command("verify", _verify, "check every stored value's checksum")
+    ver.add_argument("--drop", action="store_true", help="delete the damaged entries")
 
     ev = commands.add_parser(
         "eval", help="run lmms-eval's (or lm-eval's) command line with its model cached",
@@ -153,7 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.run(args))
+    try:
+        return int(args.run(args))
+    except (StoreError, ValueError) as exc:
+        return _fail(str(exc))
 
 
 if __name__ == "__main__":

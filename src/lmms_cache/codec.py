@@ -82,10 +82,11 @@ def encode(value: Any) -> bytes:
 
 
 def raw_size(blob: bytes) -> int:
-    """The payload's size before compression (the envelope's own field; 0 if not ours)."""
+    """The envelope's size had it not been compressed (0 if not ours): the size of an
+    uncompressed value is its own, so stored/raw is the compression ratio."""
     if len(blob) < _HEADER.size or blob[:3] != _MAGIC:
         return 0
-    return int(_HEADER.unpack_from(blob)[4])
+    return int(_HEADER.unpack_from(blob)[4]) + _HEADER.size
 
 
 def decode(blob: bytes) -> Any:
