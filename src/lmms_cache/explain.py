@@ -13,6 +13,9 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import xxhash
+
+from .fingerprint import Encoder
 from .key import RequestKey
 from .store import Entry
 
@@ -31,10 +34,15 @@ def describe(rk: RequestKey) -> tuple[str, str | None]:
     digests = rk.components()
     values: dict[str, str] = {}
     if rk.view is not None:
+        # Settings one by one: computed here, for misses only, so that keying a hit stays
+        # one pass over the request.
+        encoder = Encoder()
         for part in rk.view.parts:
             if part.role == "value" and isinstance(part.value, Mapping):
                 for k, v in part.value.items():
-                    values[f"{part.name}.{k}"] = _short(v)
+                    name = f"{part.name}.{k}"
+                    digests[name] = xxhash.xxh3_64_hexdigest(encoder.encode(k) + encoder.encode(v))
+                    values[name] = _short(v)
     prompt = digests.get("context") or digests.get("arg0")
     return json.dumps({"d": digests, "v": values}, separators=(",", ":"), sort_keys=True), prompt
 

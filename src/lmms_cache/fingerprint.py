@@ -36,6 +36,7 @@ import dataclasses
 import enum
 import functools
 import math
+import operator
 import os
 import stat
 import sys
@@ -136,7 +137,7 @@ class Encoder:
         self.write(out, value, media=media)
         return bytes(out)
 
-    def write(self, out: bytearray, value: Any, *, media: bool = False) -> None:
+    def write(self, out: bytearray, value: Any, media: bool = False) -> None:
         """Append the canonical bytes of ``value`` to ``out``.
 
         Raises:
@@ -183,13 +184,18 @@ class Encoder:
     def _put_mapping(self, out: bytearray, v: Mapping[Any, Any], media: bool) -> None:
         items = []
         for k, item in v.items():
-            kb = bytearray()
-            self._put(kb, k, False)
+            if type(k) is str:  # nearly every key: the same bytes _put writes, without a call
+                b = k.encode("utf-8", "surrogatepass")
+                kb = b"s%d:%s" % (len(b), b)
+            else:
+                buf = bytearray()
+                self._put(buf, k, False)
+                kb = bytes(buf)
             # A message's role and text are what the model reads, never file names, even
             # where the rest of the mapping is media: {"role": "user", "content": "a.jpg"}.
             text = media and type(k) is str and k in _TEXT_KEYS and isinstance(item, str)
-            items.append((bytes(kb), item, media and not text))
-        items.sort(key=lambda kv: kv[0])
+            items.append((kb, item, media and not text))
+        items.sort(key=_first)
         out += b"d%d:" % len(items)
         for key_bytes, item, item_media in items:
             out += key_bytes
@@ -335,6 +341,9 @@ class Encoder:
 
 
 _TEXT_KEYS = frozenset({"role", "type", "text", "content"})
+
+
+_first = operator.itemgetter(0)
 
 
 def _put_float(out: bytearray, v: float) -> None:

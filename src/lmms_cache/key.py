@@ -15,17 +15,17 @@ keys: it must come with a new schema name and a migration (the golden tests pin 
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from types import MethodType
-from typing import Any
+from typing import Any, NamedTuple
 
 import xxhash
 
 from .fingerprint import Encoder, Unfingerprintable, digest_bytes
 from .identity import ModelIdentity
-from .requests import DOC, MEDIA, RESOLVE, VALUE, DocumentUnavailable, RequestView, Resolver, view
+from .requests import DOC, MEDIA, RESOLVE, DocumentUnavailable, RequestView, Resolver, view
 
 __all__ = ["KEY_SCHEMA", "KeyBuilder", "RequestKey", "is_sampling"]
 
@@ -34,8 +34,7 @@ log = logging.getLogger("lmms_cache")
 KEY_SCHEMA = b"lmms-cache/key/1"
 
 
-@dataclass(frozen=True)
-class RequestKey:
+class RequestKey(NamedTuple):
     """A request's key, or why it has none (``key is None``: it bypasses the cache).
 
     ``material`` and ``spans`` are the bytes the key was hashed from and where each
@@ -142,11 +141,9 @@ class KeyBuilder:
         spans = [("model", n, n + 16), ("method", n + 17, len(out))]
         try:
             for part in rview.parts:
-                out += part.name.encode() + b"="
+                out += _label(part.name)
                 start = len(out)
-                if part.role is VALUE and isinstance(part.value, Mapping):
-                    self._write_settings(out, part.name, part.value, spans)
-                elif part.role is RESOLVE and part.value is not None:
+                if part.role is RESOLVE and part.value is not None:
                     d = self._resolved(part.value, rview, resolved)
                     if d is None:
                         need_address = True
@@ -160,11 +157,11 @@ class KeyBuilder:
                     else:
                         out += d
                 else:
-                    write(out, part.value, media=part.role is MEDIA)
+                    write(out, part.value, part.role is MEDIA)
                 spans.append((part.name, start, len(out)))
             if need_address:
                 for part in rview.address_args:
-                    out += part.name.encode() + b"="
+                    out += _label(part.name)
                     start = len(out)
                     write(out, part.value)
                     spans.append((part.name, start, len(out)))
@@ -183,18 +180,6 @@ class KeyBuilder:
         sampled = self._sampling if self._sampling is not None else is_sampling(rview.gen_kwargs, rview.repeats)
         material = bytes(out)
         return digest_bytes(material), rview, sampled, None, material, tuple(spans)
-
-    def _write_settings(self, out: bytearray, name: str, mapping: Mapping[Any, Any],
-                        spans: list[tuple[str, int, int]]) -> None:  # fmt: skip
-        """A mapping's canonical bytes (exactly as :class:`Encoder` writes them), noting
-        where each setting lies so that a miss can name the one that changed."""
-        items = sorted(((self._encoder.encode(k), k, v) for k, v in mapping.items()), key=lambda t: t[0])
-        out += b"d%d:" % len(items)
-        for kb, k, v in items:
-            start = len(out)
-            out += kb
-            self._encoder.write(out, v)
-            spans.append((f"{name}.{k}", start, len(out)))
 
     def _resolved(self, fn: Any, rview: RequestView, memo: dict[tuple[Any, Any], bytes]) -> bytes | None:
         address = rview.address
@@ -244,6 +229,12 @@ class KeyBuilder:
 
 class _ResolveFailed(Exception):
     pass
+
+
+@functools.lru_cache(maxsize=256)
+def _label(name: str) -> bytes:
+    """``b"name="``: the few part names, encoded once."""
+    return name.encode() + b"="
 
 
 # (key, view, sampled, bypass reason, key material, component spans)

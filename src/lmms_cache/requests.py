@@ -32,8 +32,7 @@ from __future__ import annotations
 import random
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = ["DocumentUnavailable", "Part", "RequestView", "Resolver", "view"]
 
@@ -42,30 +41,43 @@ VALUE, MEDIA, RESOLVE, DOC = "value", "media", "resolve", "doc"
 _MEDIA_KEYS = frozenset({"visual", "visuals", "image", "images", "video", "videos", "audio", "audios"})
 
 
-@dataclass(frozen=True)
-class Part:
+class Part(NamedTuple):
     name: str
     value: Any
     role: str
 
 
-@dataclass
 class RequestView:
-    """A request's arguments with their roles, and the document they came from."""
+    """A request's arguments with their roles, and the document they came from.
 
-    parts: list[Part]
-    task: str | None = None
-    split: str | None = None
-    doc_id: Any = None
-    gen_kwargs: Mapping[str, Any] | None = None
-    repeats: int = 1
-    address_args: list[Part] = field(default_factory=list)
+    A plain slotted class: one is built per request on the hit path.
+    """
+
+    __slots__ = ("gen_kwargs", "has_address", "parts", "repeats", "doc_id", "split", "task")
+
+    def __init__(self, parts: list[Part], task: Any = None, split: Any = None, doc_id: Any = None,
+                 gen_kwargs: Mapping[str, Any] | None = None, repeats: int = 1,
+                 has_address: bool = False) -> None:  # fmt: skip
+        self.parts = parts
+        self.task = task
+        self.split = split
+        self.doc_id = doc_id
+        self.gen_kwargs = gen_kwargs
+        self.repeats = repeats
+        self.has_address = has_address  # the address is among the arguments (lmms-eval layouts)
 
     @property
     def address(self) -> tuple[Any, Any, Any] | None:
         if self.task is None or self.doc_id is None:
             return None
         return (self.task, self.split, self.doc_id)
+
+    @property
+    def address_args(self) -> list[Part]:
+        """The address as key parts, for requests whose media could not be resolved."""
+        if not self.has_address:
+            return []
+        return [Part("doc_id", self.doc_id, VALUE), Part("task", self.task, VALUE), Part("split", self.split, VALUE)]
 
 
 def _args(request: Any) -> tuple[Any, ...]:
@@ -101,6 +113,10 @@ def _is_doc_id(v: Any) -> bool:
     return isinstance(v, (int, str)) and not isinstance(v, bool)
 
 
+def _is_mapping(v: Any) -> bool:
+    return type(v) is dict or isinstance(v, Mapping)
+
+
 def _fn_or_none(v: Any) -> bool:
     return v is None or callable(v)
 
@@ -111,7 +127,7 @@ def view(method: str, request: Any) -> RequestView:
     _task, _split, _doc_id, repeats = _metadata(request)
     n = len(args)
     tail_ok = n >= 6 and isinstance(args[-2], str) and isinstance(args[-1], str) and _is_doc_id(args[-3])
-    if tail_ok and n == 6 and method == "generate_until" and isinstance(args[1], Mapping) and _fn_or_none(args[2]):
+    if tail_ok and n == 6 and method == "generate_until" and _is_mapping(args[1]) and _fn_or_none(args[2]):
         parts = [Part("context", args[0], VALUE), Part("gen_kwargs", args[1], VALUE), Part("visual", args[2], RESOLVE)]
         gen = args[1]
     elif tail_ok and n == 6 and method == "generate_until" and callable(args[1]) and isinstance(args[2], Mapping):
@@ -141,9 +157,8 @@ def view(method: str, request: Any) -> RequestView:
         gen = None
     else:
         return _generic(args, repeats, _task, _split, _doc_id)
-    address = [Part("doc_id", args[-3], VALUE), Part("task", args[-2], VALUE), Part("split", args[-1], VALUE)]
     return RequestView(parts, task=args[-2], split=args[-1], doc_id=args[-3],
-                       gen_kwargs=gen, repeats=repeats, address_args=address)  # fmt: skip
+                       gen_kwargs=gen, repeats=repeats, has_address=True)  # fmt: skip
 
 
 def _generic(args: tuple[Any, ...], repeats: int, task: Any, split: Any, doc_id: Any) -> RequestView:
