@@ -53,7 +53,7 @@ class RequestView:
     A plain slotted class: one is built per request on the hit path.
     """
 
-    __slots__ = ("gen_kwargs", "has_address", "parts", "repeats", "doc_id", "split", "task")
+    __slots__ = ("doc_id", "gen_kwargs", "has_address", "parts", "repeats", "split", "task")
 
     def __init__(self, parts: list[Part], task: Any = None, split: Any = None, doc_id: Any = None,
                  gen_kwargs: Mapping[str, Any] | None = None, repeats: int = 1,
