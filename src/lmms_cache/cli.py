@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import __version__, codec, manage
+from . import __version__, codec, harness_cache, manage
 from .identity import model_id_from_arguments
 from .lazy import lazy_model
 from .proxy import cached
@@ -283,6 +283,9 @@ def _eval(args: argparse.Namespace) -> int:
 
     if not args.no_cache:
         registry.get_model = get_model
+        # The harnesses' request-building cache too: atomic files, and callables that
+        # survive a hit (lmms-eval 0.7.3 crashes on its own --cache_requests hit).
+        harness_cache.install()
     argv = sys.argv
     sys.argv = [args.harness, *harness_args]
     try:

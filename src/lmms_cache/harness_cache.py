@@ -127,6 +127,7 @@ def cache_dir() -> str:
 
 
 def _safe_name(name: str) -> str:
+    """``name`` with path separators replaced, as a file name."""
     return re.sub(r"[/\\]+", "_", name)
 
 
@@ -154,10 +155,12 @@ _INFRASTRUCTURE = ("dill", "pickle", "_pickle", "copyreg", "copy", "functools", 
 
 
 def _is_infrastructure(module: str | None) -> bool:
+    """Whether ``module`` is pickling machinery (or this module), whose functions pickle by name."""
     return module is not None and any(module == m or module.startswith(m + ".") for m in _INFRASTRUCTURE)
 
 
 def _lookup(namespace: dict[str, Any], qualname: str) -> Any:
+    """The object a module namespace holds under a dotted qualified name (KeyError/AttributeError if none)."""
     first, *rest = qualname.split(".")
     obj = namespace[first]
     for part in rest:
@@ -166,6 +169,7 @@ def _lookup(namespace: dict[str, Any], qualname: str) -> Any:
 
 
 def _sha(data: bytes) -> str:
+    """Hex SHA-256 of ``data``."""
     return hashlib.sha256(data).hexdigest()
 
 
@@ -180,6 +184,7 @@ def _function_digest(fn: types.FunctionType) -> str:
 
 
 def _class_functions(cls: type) -> list[tuple[str, types.FunctionType]]:
+    """The functions a class body defines (methods, static/class methods, property getters), by name."""
     found = []
     for name, value in sorted(vars(cls).items()):
         if isinstance(value, (staticmethod, classmethod)):
@@ -216,6 +221,7 @@ def _namespace_ref(globals_: dict[str, Any], what: str) -> tuple[str, str | None
 
 
 def _function_ref(fn: types.FunctionType) -> tuple[str, str | None, str, str, bool]:
+    """The reference (module, file, qualname, source digest, by name) of a module-level function."""
     qualname = fn.__qualname__
     what = f"function {fn.__module__}.{qualname}"
     if "<locals>" in qualname or "<lambda>" in qualname:
@@ -278,6 +284,7 @@ def _module_from_file(modname: str, file: str) -> types.ModuleType:
 
 
 def _namespace(modname: str, file: str | None, by_name: bool) -> dict[str, Any]:
+    """The namespace of a referenced module: imported by name when it was importable, else loaded by path."""
     if by_name:
         try:
             return vars(importlib.import_module(modname))
@@ -313,6 +320,7 @@ _live_tasks: weakref.WeakValueDictionary[tuple[str, str], Any] = weakref.WeakVal
 
 
 def _task_classes() -> tuple[type, ...]:
+    """The harnesses' ``Task`` base classes among the loaded modules (never imports a harness)."""
     classes = []
     for name in _TASK_MODULES:
         task_cls = getattr(sys.modules.get(name), "Task", None)
@@ -321,8 +329,15 @@ def _task_classes() -> tuple[type, ...]:
     return tuple(classes)
 
 
+def _task_config(task: Any) -> Any:
+    """A task's configuration object (``_config``, else ``config``), or None."""
+    config = getattr(task, "_config", None)
+    return getattr(task, "config", None) if config is None else config
+
+
 def _task_name(task: Any) -> str | None:
-    config = getattr(task, "_config", None) or getattr(task, "config", None)
+    """A task's name (``config.task``), or None."""
+    config = _task_config(task)
     name = getattr(config, "task", None)
     if name is None and isinstance(config, dict):
         name = config.get("task")
@@ -330,8 +345,9 @@ def _task_name(task: Any) -> str | None:
 
 
 def _jsonable(value: Any) -> Any:
+    """``json.dumps`` default for a task configuration: callables by source digest, others by type."""
     if isinstance(value, functools.partial):
-        return {"partial": _jsonable(value.func), "args": repr(value.args), "kw": repr(sorted(value.keywords))}
+        return {"partial": _jsonable(value.func), "args": list(value.args), "keywords": dict(value.keywords)}
     if isinstance(value, (types.FunctionType, type)):
         return _source_digest(value)
     if isinstance(value, types.MethodType):
@@ -341,7 +357,7 @@ def _jsonable(value: Any) -> Any:
 
 def _config_digest(task: Any) -> str:
     """A digest of a task's configuration: its values, and the source of its callables."""
-    config = getattr(task, "_config", None) or getattr(task, "config", None)
+    config = _task_config(task)
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
         items = {f.name: getattr(config, f.name, None) for f in dataclasses.fields(config)}
     elif isinstance(config, dict):
@@ -356,6 +372,7 @@ def _config_digest(task: Any) -> str:
 
 
 def _task_matches(obj: Any, class_qualname: str, task_name: str) -> bool:
+    """Whether ``obj`` is a harness task of that class and name."""
     classes = _task_classes()
     return (bool(classes) and isinstance(obj, classes) and type(obj).__qualname__ == class_qualname
             and _task_name(obj) == task_name)
@@ -420,15 +437,18 @@ class _HashingWriter:
     """A write-only file that hashes what passes through it."""
 
     def __init__(self, file: io.BufferedWriter) -> None:
+        """Write to ``file``."""
         self.file = file
         self.hash = hashlib.sha256()
 
     def write(self, data: bytes) -> int:
+        """Hash and write ``data``; the number of bytes written."""
         self.hash.update(data)
         return self.file.write(data)
 
 
 def _dump(obj: Any, file: io.BufferedWriter) -> None:
+    """Write ``MAGIC``, the pickle of ``obj`` and the SHA-256 of that pickle to ``file``."""
     file.write(MAGIC)
     writer = _HashingWriter(file)
     _ReferencePickler(writer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
@@ -436,6 +456,7 @@ def _dump(obj: Any, file: io.BufferedWriter) -> None:
 
 
 def _fsync_dir(directory: str) -> None:
+    """Make a rename in ``directory`` durable (best effort)."""
     with contextlib.suppress(OSError):
         fd = os.open(directory, os.O_RDONLY)
         try:
@@ -568,10 +589,12 @@ _install_lock = threading.RLock()
 
 
 def _ours() -> dict[str, Any]:
+    """Our functions, by the names the harnesses use."""
     return {"load_from_cache": load_from_cache, "save_to_cache": save_to_cache, "delete_cache": delete_cache}
 
 
 def _modules() -> Iterator[tuple[str, types.ModuleType]]:
+    """The loaded modules (a snapshot), except this one."""
     for name, module in list(sys.modules.items()):
         if isinstance(module, types.ModuleType) and name != __name__:
             yield name, module
@@ -611,6 +634,7 @@ def install() -> list[str]:
 
 
 def _harness_of(module_name: str) -> str | None:
+    """The patched harness a module belongs to (by package; the only one if just one was patched)."""
     for harness in _originals:
         if module_name == harness or module_name.startswith(harness + "."):
             return harness

@@ -49,7 +49,7 @@ _OPERATIONAL = re.compile(
     r"max_workers|num_workers|num_threads|accelerator|distributed_type|verbose|verbosity|"
     r"log(ger|ging)?(_.*)?|.*_log|.*log_dir|cache_.*|.*_cache_dir|.*cache_path|use_cache|"
     r"task_dict|progress.*|.*_bar|prefix_aware_queue|prefix_hash_chars|adaptive_.*|"
-    r"continual_mode|response_persistent_.*|max_size_in_mb|rate_limit.*|.*_pid|pid|"
+    r"continual_mode|response_persistent_.*|rate_limit.*|.*_pid|pid|"
     r"start_time|.*_queue|.*_lock|.*_semaphore|.*counter.*)$"
 )
 _NAME_HINT = re.compile(r"(pretrained|model_name|model_version|model_id|checkpoint|name_or_path|model_path|^model$|engine|^path$)")
