@@ -385,7 +385,7 @@ def _resolve_task(class_qualname: str, task_name: str, config_digest: str) -> An
     ``build_all_requests``), else one seen by this process when saving or loading.
     """
     task = None
-    frame = sys._getframe(1)
+    frame: types.FrameType | None = sys._getframe(1)
     while frame is not None and task is None:
         candidate = frame.f_locals.get("self")
         if candidate is not None and _task_matches(candidate, class_qualname, task_name):
@@ -424,12 +424,12 @@ class _ReferencePickler(dill.Pickler):  # type: ignore[misc]
             return NotImplemented if ref is None else (_resolve_function, ref)
         classes = _task_classes()
         if classes and isinstance(obj, classes):
-            name = _task_name(obj)
-            if name is None:
+            task_name = _task_name(obj)
+            if task_name is None:
                 raise pickle.PicklingError(f"task object {obj!r} has no name to be cached by reference")
             with contextlib.suppress(TypeError):
-                _live_tasks[(type(obj).__qualname__, name)] = obj
-            return _resolve_task, (type(obj).__qualname__, name, _config_digest(obj))
+                _live_tasks[(type(obj).__qualname__, task_name)] = obj
+            return _resolve_task, (type(obj).__qualname__, task_name, _config_digest(obj))
         return NotImplemented
 
 
