@@ -282,7 +282,12 @@ def test_doc_to_visual_that_raises_bypasses():
     assert [kind for kind, _ in warnings] == ["resolve-failed"]
 
 
-def test_unreadable_image_bypasses_instead_of_failing_the_call():
+def test_unreadable_image_bypasses_instead_of_failing_the_call(monkeypatch):
+    from PIL import ImageFile
+
+    # lmms-eval sets this globally on import; a truncated image then decodes padded, and is
+    # keyed as the model would see it. Here: the strict default, where decoding raises.
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", False)
     buf = io.BytesIO()
     image((1, 2, 3), size=(64, 64)).save(buf, format="PNG")
     truncated = buf.getvalue()[:60]
