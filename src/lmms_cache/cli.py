@@ -187,11 +187,10 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
+    if not os.path.isfile(args.file):
+        return _fail(f"no such file: {args.file}")
     store = open_store(args.path, trust=args.trust)  # importing into a new cache creates it
-    try:
-        counts = manage.import_(store, args.file, trust=args.trust)
-    except FileNotFoundError as exc:
-        return _fail(f"no such file: {exc}")
+    counts = manage.import_(store, args.file, trust=args.trust)
     _emit(args, counts, f"added {counts['added']} entries; {counts['conflicts']} already there kept their "
                         f"value; {counts['damaged']} damaged skipped")  # fmt: skip
     return 0
@@ -371,7 +370,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    words = list(sys.argv[1:] if argv is None else argv)
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    if words and words[0] in commands.choices and words[0] != "eval":
+        # Options may sit anywhere among a command's words (export CACHE --task x FILE);
+        # eval passes everything after -- to the harness untouched.
+        args = commands.choices[words[0]].parse_intermixed_args(words[1:])
+    else:
+        args = parser.parse_args(words)
     try:
         return int(args.run(args))
     except (StoreError, ValueError) as exc:

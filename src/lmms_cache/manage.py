@@ -103,8 +103,8 @@ def find(store: Store, key_prefix: str) -> Entry:
 
 
 def explain_document(store: Store, task: str, doc_id: str, method: str | None = None) -> list[dict[str, Any]]:
-    """The stored entries of one document, most recent first, each with how it differs
-    from the most recent one of the same method (what changed between runs)."""
+    """The stored entries of one document, most recent first, each with what changed from
+    it to the most recent one of the same method (``old → new``, in time order)."""
     out: list[dict[str, Any]] = []
     newest: dict[str, dict[str, Any]] = {}
     for entry in store.scan(Where(task=task, doc_id=doc_id, method=method), values=False, recent_first=True):
@@ -112,7 +112,7 @@ def explain_document(store: Store, task: str, doc_id: str, method: str | None = 
         base = newest.setdefault(entry.method, comps)
         out.append({"key": entry.key.hex(), "method": entry.method, "model": entry.model,
                     "created_at": entry.created_at,
-                    "differs": differences(comps, base) if base is not comps else []})  # fmt: skip
+                    "differs": differences(base, comps) if base is not comps else []})  # fmt: skip
     return out
 
 
