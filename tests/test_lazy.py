@@ -79,3 +79,29 @@ def test_a_fully_cached_rerun_never_constructs(tmp_path):
     assert rerun.generate_until(requests) == answers
     assert Heavy.constructed == 1
     assert not is_constructed(rerun.__wrapped__)
+
+
+class WithTokenizer(Base):
+    constructed = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        WithTokenizer.constructed += 1
+        self._tokenizer = "a tokenizer"
+
+    @property
+    def tokenizer(self) -> str:
+        return self._tokenizer
+
+    def generate_until(self, requests: list[Any]) -> list[str]:
+        return ["x"] * len(requests)
+
+
+def test_properties_the_evaluators_probe_do_not_construct():
+    WithTokenizer.constructed = 0
+    m = lazy_model(WithTokenizer, {})
+    assert getattr(m, "tokenizer", False) is False  # lm-eval's guarded read for its logs
+    assert not hasattr(m, "MULTIMODAL") and not hasattr(m, "get_model_info")
+    assert WithTokenizer.constructed == 0
+    m.generate_until([gen_request(0)])
+    assert m.tokenizer == "a tokenizer" and WithTokenizer.constructed == 1

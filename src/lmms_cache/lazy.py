@@ -22,11 +22,13 @@ log = logging.getLogger("lmms_cache")
 
 _STATE = "_lmms_cache_lazy"
 _METHODS = ("generate_until", "loglikelihood", "loglikelihood_rolling", "generate_until_multi_round")
-# Attributes the evaluators probe with hasattr() before any request, and set or skip when
-# absent (lmms-eval: ``if not hasattr(lm, "accelerator"): lm.accelerator = Accelerator()``).
-# Reading them must not construct the model; every other missing attribute does.
+# Attributes the evaluators probe with hasattr()/getattr(..., default) before or after the
+# requests, and set or skip when absent (lmms-eval: ``if not hasattr(lm, "accelerator"):
+# lm.accelerator = Accelerator()``; lm-eval: ``getattr(lm, "tokenizer", False)`` for its
+# logs, ``hasattr(lm, "MULTIMODAL")``). Reading them must not construct the model, even
+# where the class defines them as properties; every other missing attribute does.
 # The request methods are probed too (a class without loglikelihood_rolling has none to give).
-_PROBED = frozenset({"accelerator", "batch_sizes", *_METHODS})
+_PROBED = frozenset({"accelerator", "batch_sizes", "get_model_info", "MULTIMODAL", "tokenizer", *_METHODS})
 _classes: dict[type, type] = {}
 
 
@@ -76,13 +78,13 @@ def is_constructed(obj: Any) -> bool:
     return state is None or bool(state.constructed)
 
 
-def _construct(obj: Any) -> None:
+def _construct(obj: Any, cause: str) -> None:
     state: _State = obj.__dict__[_STATE]
     if state.constructed or state.constructing:
         return
     state.constructing = True
     kept = {k: obj.__dict__[k] for k in ("task_dict",) if obj.__dict__.get(k)}
-    log.info("lmms-cache: a request missed the cache; constructing %s now", state.cls.__qualname__)
+    log.info("lmms-cache: constructing %s now (%s)", state.cls.__qualname__, cause)
     started = time.perf_counter()
     try:
         state.cls.__init__(obj, **state.kwargs)  # type: ignore[misc]
@@ -114,7 +116,7 @@ def _lazy_class(cls: type) -> type:
         if (state is None or state.constructed or state.constructing or name.startswith("__")
                 or name in _PROBED):  # fmt: skip
             raise AttributeError(f"{cls.__name__!r} object has no attribute {name!r}")
-        _construct(self)
+        _construct(self, f"the attribute {name!r} was read")
         return getattr(self, name)
 
     namespace: dict[str, Any] = {"__getattr__": __getattr__, "__qualname__": cls.__qualname__,
@@ -122,6 +124,9 @@ def _lazy_class(cls: type) -> type:
     for method in _METHODS:
         if callable(getattr(cls, method, None)):
             namespace[method] = _constructing(cls, method)
+    for name in _PROBED - set(_METHODS) - {"get_model_info"}:
+        if isinstance(getattr(cls, name, None), property):
+            namespace[name] = _probed_property(cls, name)
     if callable(getattr(cls, "get_model_info", None)):
         # lm-eval adds the model's details to its results after the run: an unconstructed
         # model has none to add, and loading weights for them would waste the cached run.
@@ -136,11 +141,23 @@ def _lazy_class(cls: type) -> type:
     return found
 
 
+def _probed_property(cls: type, name: str) -> property:
+    """A class property the evaluators probe: absent until the model is constructed."""
+    original: property = getattr(cls, name)
+
+    def get(self: Any) -> Any:
+        if not is_constructed(self):
+            raise AttributeError(f"{cls.__name__!r} is not constructed yet: no {name!r}")
+        return original.__get__(self, type(self))
+
+    return property(get, original.fset, original.fdel, original.__doc__)
+
+
 def _constructing(cls: type, method: str) -> Any:
     original = getattr(cls, method)
 
     def call(self: Any, *args: Any, **kwargs: Any) -> Any:
-        _construct(self)
+        _construct(self, f"{method} was called: a request missed the cache")
         return original(self, *args, **kwargs)
 
     call.__name__ = call.__qualname__ = method
