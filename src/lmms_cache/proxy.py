@@ -130,6 +130,8 @@ def _describe(method: str, rk: RequestKey, request: Any) -> str:
     prompt = " ".join(prompt.split())
     prompt = prompt if len(prompt) <= 60 else prompt[:57] + "..."
     status = "" if rk.key is not None else f" (uncacheable: {rk.bypass_reason})"
+    if rk.occurrence is not None:
+        status += f" (sample #{rk.occurrence + 1})"
     return f"{method} {where}{prompt!r}{status}"
 
 
