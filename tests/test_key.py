@@ -444,3 +444,45 @@ def test_method_is_in_the_key():
 def test_request_without_args_is_a_type_error():
     with pytest.raises(TypeError, match="generate_until"):
         builder().keys("generate_until", [object()])
+
+
+def test_text_task_doc_to_visual_is_resolved_without_reading_the_document():
+    """lmms-eval's own ConfigurableTask.doc_to_visual of a text-only task returns its
+    configured None without touching the row; reading rows of a dataset is the costliest
+    part of a text hit, so the key builder does not read them either."""
+    task_module = pytest.importorskip("lmms_eval.api.task")
+    from types import SimpleNamespace
+
+    def task(doc_to_visual: Any, cls: type = task_module.ConfigurableTask) -> Any:
+        t = cls.__new__(cls)
+        t._config = SimpleNamespace(doc_to_visual=doc_to_visual)  # what the config property returns
+        t.features = ["image"]
+        t.lmms_eval_specific_kwargs = None
+        return t
+
+    class Rows(list):
+        reads = 0
+
+        def __getitem__(self, i):
+            Rows.reads += 1
+            return super().__getitem__(i)
+
+    rows = Rows([{"image": image((i, 0, 0))} for i in range(3)])
+    model = SimpleNamespace(task_dict={"t": {"test": rows}})
+    kb = KeyBuilder(identify(None, model_id="m"), model, Encoder())
+    text = task(None)
+    keys = kb.keys("generate_until", [gen_request(i, context="same", doc_to_visual=text.doc_to_visual)
+                                      for i in range(3)])  # fmt: skip
+    assert Rows.reads == 0
+    assert len({k.key for k in keys}) == 1  # content decides: no address joins the key
+    with_column = task("image")
+    kb.keys("generate_until", [gen_request(i, doc_to_visual=with_column.doc_to_visual) for i in range(3)])
+    assert Rows.reads == 3
+
+    class Overriding(task_module.ConfigurableTask):
+        def doc_to_visual(self, doc):
+            return [doc["image"]]
+
+    Rows.reads = 0
+    kb.keys("generate_until", [gen_request(0, doc_to_visual=task(None, Overriding).doc_to_visual)])
+    assert Rows.reads == 1

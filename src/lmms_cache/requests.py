@@ -209,12 +209,42 @@ class Resolver:
             DocumentUnavailable: no task_dict entry for the document.
             Exception: whatever ``fn`` raises.
         """
+        constant = _document_free_result(fn)
+        if constant is not _NEEDS_DOCUMENT:
+            return constant
         doc = self.document(address)
         states = _save_random_states()
         try:
             return fn(doc)
         finally:
             _restore_random_states(states)
+
+
+_NEEDS_DOCUMENT = object()
+
+
+def _document_free_result(fn: Any) -> Any:
+    """What lmms-eval's own ``ConfigurableTask.doc_to_visual`` returns without reading the
+    document: for a task whose ``doc_to_visual`` is neither a column name nor a function
+    (a text-only task), the configured value itself (``None``).
+
+    Reading a row of a ``datasets`` dataset costs ~0.1-0.2 ms (the whole row is converted),
+    more than everything else a text hit costs; a text task asks for no row at all. Only
+    the harness's unmodified method qualifies (a subclass overriding it does not), so the
+    answer is exactly what the call would give.
+    """
+    task_module = sys.modules.get("lmms_eval.api.task")
+    if task_module is None or getattr(fn, "__func__", None) is not _original_doc_to_visual(task_module):
+        return _NEEDS_DOCUMENT
+    configured = getattr(getattr(fn.__self__, "config", None), "doc_to_visual", _NEEDS_DOCUMENT)
+    if configured is _NEEDS_DOCUMENT or type(configured) is str or callable(configured):
+        return _NEEDS_DOCUMENT
+    return configured
+
+
+def _original_doc_to_visual(task_module: Any) -> Any:
+    task_class = getattr(task_module, "ConfigurableTask", None)
+    return getattr(task_class, "doc_to_visual", None) if task_class is not None else None
 
 
 def _save_random_states() -> list[tuple[Any, Any]]:
