@@ -90,5 +90,11 @@ def explain_against(description: str, candidates: Iterable[Entry]) -> str:
 
 
 def _short(value: Any) -> str:
-    text = json.dumps(value, default=str, ensure_ascii=False) if not isinstance(value, str) else repr(value)
+    t = type(value)
+    if t is str:
+        text = repr(value)
+    elif t is int or t is float or t is bool or value is None:
+        text = "null" if value is None else "true" if value is True else "false" if value is False else repr(value)
+    else:
+        text = json.dumps(value, default=str, ensure_ascii=False)
     return text if len(text) <= _SHORT else text[: _SHORT - 1] + "…"
