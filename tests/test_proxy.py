@@ -522,6 +522,30 @@ def test_an_empty_call_reaches_the_model(tmp_path):
     assert model.calls == 1
 
 
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_garbage_collector_is_left_as_it_was(tmp_path, enabled):
+    """Keying pauses cyclic collection during a call; the process's setting survives it,
+    also when the call raises."""
+    import gc
+
+    def broken(doc: dict[str, Any]) -> Any:
+        raise ValueError("bad document")
+
+    was = gc.isenabled()
+    try:
+        gc.enable() if enabled else gc.disable()
+        lm = cached(fresh(), tmp_path)
+        lm.generate_until([gen_request(i) for i in range(3)])  # misses
+        lm.generate_until([gen_request(i) for i in range(3)])  # hits
+        assert gc.isenabled() is enabled
+        lm.generate_until([gen_request(0, doc_to_visual=broken)])  # bypasses: the model raises
+    except ValueError:
+        pass
+    finally:
+        assert gc.isenabled() is enabled
+        gc.enable() if was else gc.disable()
+
+
 # -- 4. never break the evaluation -----------------------------------------------------------
 
 

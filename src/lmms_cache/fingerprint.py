@@ -170,36 +170,55 @@ class Encoder:
             out += b"N"
         elif t is float:
             _put_float(out, v)
-        elif t is dict or isinstance(v, Mapping):
-            # A chat message's text part is text even inside media: "cat.jpg" as a question
-            # must not be keyed by the content of a file that happens to have that name.
-            self._put_mapping(out, v, media and v.get("type") != "text")
         elif t is list or t is tuple:
             out += b"l%d:" % len(v)
             for item in v:
                 self._put(out, item, media)
+        elif t is dict or isinstance(v, Mapping):
+            # A chat message's text part is text even inside media: "cat.jpg" as a question
+            # must not be keyed by the content of a file that happens to have that name.
+            self._put_mapping(out, v, media and v.get("type") != "text")
         else:
             self._put_other(out, v, media)
 
+    # For callers that catch RecursionError themselves (the key builder): one call less.
+    put = _put
+
     def _put_mapping(self, out: bytearray, v: Mapping[Any, Any], media: bool) -> None:
-        items = []
+        items: list[tuple[bytes, Any, bool]] = []
         for k, item in v.items():
             if type(k) is str:  # nearly every key: the same bytes _put writes, without a call
-                b = k.encode("utf-8", "surrogatepass")
-                kb = b"s%d:%s" % (len(b), b)
+                kb = _STR_KEYS.get(k)
+                if kb is None:
+                    b = k.encode("utf-8", "surrogatepass")
+                    kb = b"s%d:%s" % (len(b), b)
+                    if len(_STR_KEYS) < _STR_KEYS_MAX:
+                        _STR_KEYS[k] = kb
+                # A message's role and text are what the model reads, never file names, even
+                # where the rest of the mapping is media: {"role": "user", "content": "a.jpg"}.
+                if media and k in _TEXT_KEYS and isinstance(item, str):
+                    items.append((kb, item, False))
+                else:
+                    items.append((kb, item, media))
             else:
                 buf = bytearray()
                 self._put(buf, k, False)
-                kb = bytes(buf)
-            # A message's role and text are what the model reads, never file names, even
-            # where the rest of the mapping is media: {"role": "user", "content": "a.jpg"}.
-            text = media and type(k) is str and k in _TEXT_KEYS and isinstance(item, str)
-            items.append((kb, item, media and not text))
+                items.append((bytes(buf), item, media))
         items.sort(key=_first)
         out += b"d%d:" % len(items)
+        put = self._put
         for key_bytes, item, item_media in items:
             out += key_bytes
-            self._put(out, item, item_media)
+            # Plain settings (most of gen_kwargs) without a call; the same bytes _put writes.
+            t = type(item)
+            if t is int:
+                out += b"i%d;" % item
+            elif t is str and not item_media:
+                b = item.encode("utf-8", "surrogatepass")
+                out += b"s%d:" % len(b)
+                out += b
+            else:
+                put(out, item, item_media)
 
     def _put_other(self, out: bytearray, v: Any, media: bool) -> None:
         if isinstance(v, bool):
@@ -317,8 +336,10 @@ class Encoder:
             self._put(out, f"{getattr(fn, '__module__', None)}.{fn.__qualname__}", False)
             # A builtin bound to an object ({}.get, "x".join) depends on that object.
             bound = getattr(fn, "__self__", None)
-            if isinstance(fn, types.BuiltinFunctionType) and bound is not None and not isinstance(
-                bound, types.ModuleType
+            if (
+                isinstance(fn, types.BuiltinFunctionType)
+                and bound is not None
+                and not isinstance(bound, types.ModuleType)
             ):
                 out += b"@"
                 self._put(out, bound, False)
@@ -341,6 +362,9 @@ class Encoder:
 
 
 _TEXT_KEYS = frozenset({"role", "type", "text", "content"})
+# Encoded mapping keys (gen_kwargs names, message fields): a few dozen distinct strings.
+_STR_KEYS: dict[str, bytes] = {}
+_STR_KEYS_MAX = 4096
 
 
 _first = operator.itemgetter(0)

@@ -15,7 +15,6 @@ keys: it must come with a new schema name and a migration (the golden tests pin 
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from types import MethodType
@@ -25,7 +24,18 @@ import xxhash
 
 from .fingerprint import Encoder, Unfingerprintable, digest_bytes
 from .identity import ModelIdentity
-from .requests import DOC, MEDIA, RESOLVE, DocumentUnavailable, RequestView, Resolver, view
+from .requests import (
+    DOC,
+    MEDIA,
+    NEEDS_DOCUMENT,
+    RESOLVE,
+    VALUE,
+    DocumentUnavailable,
+    RequestView,
+    Resolver,
+    document_free_result,
+    view,
+)
 
 __all__ = ["KEY_SCHEMA", "KeyBuilder", "RequestKey", "is_sampling"]
 
@@ -110,82 +120,100 @@ class KeyBuilder:
         ``count=False`` computes the keys the next call would get without using up sampled
         occurrences (for explaining).
         """
-        resolved: dict[tuple[Any, Any], bytes] = {}  # (callable, document) -> digest, this call
-        base: dict[int, _Base] = {}
+        # (callable, document) -> digest, and callable -> digest when it needs no document;
+        # for this call only: a document or a task's configuration may change between calls.
+        resolved: dict[Any, bytes] = {}
         out = []
         occurrences = self._occurrences if count else dict(self._occurrences)
         prefix = self._prefix + method.encode() + b"\0"
+        base = self._base
         for request in requests:
-            found = base.get(id(request))
-            if found is None:
-                found = self._base(prefix, method, request, resolved)
-                base[id(request)] = found
-            key, rview, sampled, reason, material, spans = found
-            k = None
-            if key is not None and sampled:
+            rk = base(prefix, method, request, resolved)
+            key = rk.key
+            if rk.occurrence is not None and key is not None:
+                # Sampled: the k-th identical request over the proxy's lifetime is its own entry.
                 k = occurrences.get(key, 0)
                 occurrences[key] = k + 1
-                key = digest_bytes(key + b"#%d" % k)
-            out.append(RequestKey(key, rview, reason, material, spans, k))
+                rk = rk._replace(key=digest_bytes(key + b"#%d" % k), occurrence=k)
+            out.append(rk)
         return out
 
-    def _base(self, prefix: bytes, method: str, request: Any, resolved: dict[tuple[Any, Any], bytes]) -> _Base:
+    def _base(self, prefix: bytes, method: str, request: Any, resolved: dict[Any, bytes]) -> RequestKey:
+        """The request's key before sampling: ``occurrence`` is 0 for a sampled request (the
+        caller numbers it), None otherwise."""
         try:
             rview = view(method, request)
         except TypeError as exc:
             raise TypeError(f"{method}: {exc}") from None
         out = bytearray(prefix)
-        write = self._encoder.write
+        put = self._encoder.put
         need_address = False
         n = len(KEY_SCHEMA) + 1
         spans = [("model", n, n + 16), ("method", n + 17, len(out))]
         try:
-            for part in rview.parts:
-                out += _label(part.name)
+            for name, value, role in rview.parts:
+                out += _LABELS.get(name) or _label(name)
                 start = len(out)
-                if part.role is RESOLVE and part.value is not None:
-                    d = self._resolved(part.value, rview, resolved)
+                if role is VALUE:
+                    put(out, value, False)
+                elif role is RESOLVE and value is not None:
+                    d = self._resolved(value, rview, resolved)
                     if d is None:
                         need_address = True
-                        write(out, part.value)  # the callable's code identity
+                        put(out, value, False)  # the callable's code identity
                     else:
                         out += d
-                elif part.role is DOC:
+                elif role is DOC:
                     d = self._document(rview, resolved)
                     if d is None:
                         need_address = True
                     else:
                         out += d
                 else:
-                    write(out, part.value, part.role is MEDIA)
-                spans.append((part.name, start, len(out)))
+                    put(out, value, role is MEDIA)
+                spans.append((name, start, len(out)))
             if need_address:
                 for part in rview.address_args:
                     out += _label(part.name)
                     start = len(out)
-                    write(out, part.value)
+                    put(out, part.value, False)
                     spans.append((part.name, start, len(out)))
+        except RecursionError:
+            reason = "the value is nested too deeply (or contains itself)"
+            self._warn("unfingerprintable", f"lmms-cache: a {method} request bypasses the cache: {reason}")
+            return _request_key((None, rview, reason, b"", (), None))
         except Unfingerprintable as exc:
             self._warn("unfingerprintable", f"lmms-cache: a {method} request bypasses the cache: {exc}")
-            return None, rview, False, str(exc), b"", ()
+            return _request_key((None, rview, str(exc), b"", (), None))
         except _ResolveFailed as exc:
-            return None, rview, False, str(exc), b"", ()
+            return _request_key((None, rview, str(exc), b"", (), None))
         except Exception as exc:  # a value that breaks a fingerprint rule must not break the run
             self._warn(
                 "fingerprint-error",
                 f"lmms-cache: a {method} request bypasses the cache: fingerprinting it raised "
                 f"{type(exc).__name__}: {exc}",
             )
-            return None, rview, False, f"{type(exc).__name__}: {exc}", b"", ()
+            return _request_key((None, rview, f"{type(exc).__name__}: {exc}", b"", (), None))
         sampled = self._sampling if self._sampling is not None else is_sampling(rview.gen_kwargs, rview.repeats)
         material = bytes(out)
-        return digest_bytes(material), rview, sampled, None, material, tuple(spans)
+        return _request_key((digest_bytes(material), rview, None, material, tuple(spans), 0 if sampled else None))
 
-    def _resolved(self, fn: Any, rview: RequestView, memo: dict[tuple[Any, Any], bytes]) -> bytes | None:
+    def _resolved(self, fn: Any, rview: RequestView, memo: dict[Any, bytes]) -> bytes | None:
+        cid = _callable_id(fn)
+        # A callable whose result needs no document (a text task's doc_to_visual) is
+        # called once per call, whatever the document.
+        found = memo.get(cid)
+        if found is not None:
+            return found
+        free = document_free_result(fn)
+        if free is not NEEDS_DOCUMENT:
+            d = self._encoder.digest(free, media=True)
+            memo[cid] = d
+            return d
         address = rview.address
         if address is None:
             return None
-        memo_key = (_callable_id(fn), address)
+        memo_key = (cid, address)
         found = memo.get(memo_key)
         if found is not None:
             return found
@@ -212,7 +240,7 @@ class KeyBuilder:
         memo[memo_key] = d
         return d
 
-    def _document(self, rview: RequestView, memo: dict[tuple[Any, Any], bytes]) -> bytes | None:
+    def _document(self, rview: RequestView, memo: dict[Any, bytes]) -> bytes | None:
         address = rview.address
         if address is None:
             return None
@@ -231,14 +259,20 @@ class _ResolveFailed(Exception):
     pass
 
 
-@functools.lru_cache(maxsize=256)
+_LABELS: dict[str, bytes] = {}
+
+
 def _label(name: str) -> bytes:
     """``b"name="``: the few part names, encoded once."""
-    return name.encode() + b"="
+    label = name.encode() + b"="
+    if len(_LABELS) < 1024:
+        _LABELS[name] = label
+    return label
 
 
-# (key, view, sampled, bypass reason, key material, component spans)
-_Base = tuple[bytes | None, RequestView | None, bool, str | None, bytes, tuple[tuple[str, int, int], ...]]
+def _request_key(fields: tuple[Any, ...]) -> RequestKey:
+    """``RequestKey(*fields)`` without the namedtuple's Python-level constructor."""
+    return tuple.__new__(RequestKey, fields)
 
 
 def _callable_id(fn: Any) -> Any:

@@ -15,14 +15,16 @@ plus one warning per kind of problem.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import gc
 import logging
 import math
 import os
 import sys
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -116,8 +118,10 @@ class CacheMissError(LookupError):
         self.missing = [_describe(method, rk, r) for rk, r in zip(keys, requests, strict=True)]
         shown = "\n  ".join(self.missing[:20])
         more = f"\n  ... and {len(self.missing) - 20} more" if len(self.missing) > 20 else ""
-        super().__init__(f"{len(self.missing)} {method} request(s) are not in the cache "
-                         f"(on_miss='error'):\n  {shown}{more}")
+        super().__init__(
+            f"{len(self.missing)} {method} request(s) are not in the cache "
+            f"(on_miss='error'):\n  {shown}{more}"
+        )
 
 
 def _describe(method: str, rk: RequestKey, request: Any) -> str:
@@ -317,15 +321,24 @@ class CachedModel(wrapt.ObjectProxy):  # type: ignore[type-arg]
         self._self_location = os.path.abspath(os.path.expanduser(location))
         self._self_store = self._self_open_store(options["durable"])
         self._self_identity = identity if identity is not None else identify(model, options["model_id"])
-        log.info("lmms-cache: %s at %s, model identity %s = %s", self._self_mode,
-                 self._self_location, self._self_identity.digest[:12], self._self_identity.json())
+        log.info(
+            "lmms-cache: %s at %s, model identity %s = %s",
+            self._self_mode,
+            self._self_location,
+            self._self_identity.digest[:12],
+            self._self_identity.json(),
+        )
         files = FileDigests(lookup=self._self_file_lookup, remember=self._self_file_remember)
         self._self_keys = KeyBuilder(self._self_identity, model, Encoder(files),
                                      sampling=options["sampling"], warn=self._self_warn)  # fmt: skip
         if self._self_mode not in ("off", "readonly"):
             weakref.finalize(self, _flush_touched, self._self_store, self._self_touched)
-            self._self_guard(lambda: self._self_store.remember_model(
-                self._self_identity.digest, self._self_identity.json()), "recording the model")
+            self._self_guard(
+                lambda: self._self_store.remember_model(
+                    self._self_identity.digest, self._self_identity.json()
+                ),
+                "recording the model",
+            )
 
     # -- public, proxy-owned surface ------------------------------------------------------
 
@@ -415,49 +428,65 @@ class CachedModel(wrapt.ObjectProxy):  # type: ignore[type-arg]
         stats = self._self_stats
         stats.calls += 1
         stats.requests += len(requests)
-        keys = self._self_keys.keys(method, requests)
         results: list[Any] = [None] * len(requests)
-        found = self._self_lookup(keys) if self._self_mode != "refresh" else {}
         todo: dict[bytes, list[int]] = {}
         jobs: list[tuple[int, bytes | None]] = []  # (first request index, key) to compute
-        hits = 0
-        for i, rk in enumerate(keys):
-            if rk.key is None:
-                jobs.append((i, None))
-            elif rk.key in found:
-                results[i] = found[rk.key]
-                hits += 1
-            elif rk.key in todo:
-                todo[rk.key].append(i)
-            else:
-                todo[rk.key] = [i]
-                jobs.append((i, rk.key))
-        stats.hits += hits
-        self._self_record_hits(keys, found)
-        stats.bypassed += sum(1 for rk in keys if rk.key is None)
+        with _gc_paused():
+            keys = self._self_keys.keys(method, requests)
+            found = self._self_lookup(keys) if self._self_mode != "refresh" else {}
+            hits = bypassed = 0
+            for i, rk in enumerate(keys):
+                key = rk.key
+                if key is None:
+                    jobs.append((i, None))
+                    bypassed += 1
+                elif key in found:
+                    results[i] = found[key]
+                    hits += 1
+                elif key in todo:
+                    todo[key].append(i)
+                else:
+                    todo[key] = [i]
+                    jobs.append((i, key))
+            stats.hits += hits
+            stats.bypassed += bypassed
+            self._self_record_hits(keys, found)
+            # Only the misses' keys are needed from here on: the hits' are freed while the
+            # collector is paused, so it never has to walk them.
+            missed = {i: keys[i] for i, _ in jobs}
+            del keys, found
         if jobs and self._self_on_miss == "error":
             stats.refused += len(jobs)
-            raise CacheMissError(method, [keys[i] for i, _ in jobs], [requests[i] for i, _ in jobs])
+            raise CacheMissError(method, [missed[i] for i, _ in jobs], [requests[i] for i, _ in jobs])
         # Described now, before the model can change gen_kwargs in place.
-        described = {key: describe(keys[i]) for i, key in jobs if key is not None}
+        described = {key: describe(missed[i]) for i, key in jobs if key is not None}
         if described and log.isEnabledFor(logging.DEBUG):
             for i, key in jobs:
                 if key is not None:
-                    log.debug("lmms-cache %s miss %s: %s", method, key.hex()[:12],
-                              self._self_why(method, keys[i], described[key][0]))
+                    log.debug(
+                        "lmms-cache %s miss %s: %s",
+                        method,
+                        key.hex()[:12],
+                        self._self_why(method, missed[i], described[key][0]),
+                    )
         written, failures, model_seconds = self._self_compute(
-            method, model_method, requests, keys, jobs, todo, results, args, kwargs, described
+            method, model_method, requests, missed, jobs, todo, results, args, kwargs, described
         )
         self._self_flush_files()
         log.info(
-            "lmms-cache %s: %d requests, %d hits, %d misses, %d written, %d not cached, "
-            "%.2fs in the model", method, len(requests), hits, len(jobs), written, failures,
+            "lmms-cache %s: %d requests, %d hits, %d misses, %d written, %d not cached, %.2fs in the model",
+            method,
+            len(requests),
+            hits,
+            len(jobs),
+            written,
+            failures,
             model_seconds,
         )
         return results
 
     def _self_compute(self, method: str, model_method: Callable[..., Any], requests: list[Any],
-                      keys: list[RequestKey], jobs: list[tuple[int, bytes | None]],
+                      keys: dict[int, RequestKey], jobs: list[tuple[int, bytes | None]],
                       todo: dict[bytes, list[int]], results: list[Any], args: tuple[Any, ...],
                       kwargs: dict[str, Any], described: dict[bytes, tuple[str, str | None]],
                       ) -> tuple[int, int, float]:  # fmt: skip
@@ -515,8 +544,11 @@ class CachedModel(wrapt.ObjectProxy):  # type: ignore[type-arg]
         try:
             value = codec.encode(response)
         except Exception as exc:  # anything dill cannot serialize stays uncached
-            self._self_warn("encode", f"lmms-cache: a {method} response of type "
-                            f"{type(response).__name__} cannot be stored ({exc}); it stays uncached")
+            self._self_warn(
+                "encode",
+                f"lmms-cache: a {method} response of type "
+                f"{type(response).__name__} cannot be stored ({exc}); it stays uncached",
+            )
             return None
         rv = rk.view
         doc_id = None if rv is None or rv.doc_id is None else str(rv.doc_id)
@@ -536,8 +568,11 @@ class CachedModel(wrapt.ObjectProxy):  # type: ignore[type-arg]
             return open_store(self._self_location, readonly=self._self_mode == "readonly", durable=durable,
                               trust=self._self_options.get("trust", False))  # fmt: skip
         except StoreError as exc:
-            self._self_warn("open", f"lmms-cache: the cache is unusable ({exc}); running uncached. "
-                            "The model's responses are returned as usual but not saved.")
+            self._self_warn(
+                "open",
+                f"lmms-cache: the cache is unusable ({exc}); running uncached. "
+                "The model's responses are returned as usual but not saved.",
+            )
             return NullStore(self._self_location, str(exc))
 
     def _self_guard(self, action: Callable[[], Any], what: str, default: Any = None) -> Any:
@@ -557,8 +592,11 @@ class CachedModel(wrapt.ObjectProxy):  # type: ignore[type-arg]
             try:
                 found[key] = codec.decode(blob)
             except codec.CodecError as exc:
-                self._self_warn("decode", f"lmms-cache: a stored value in {self._self_store.location} "
-                                f"cannot be read ({exc}); it is recomputed and overwritten")
+                self._self_warn(
+                    "decode",
+                    f"lmms-cache: a stored value in {self._self_store.location} "
+                    f"cannot be read ({exc}); it is recomputed and overwritten",
+                )
         return found
 
     def _self_save(self, entries: list[Entry]) -> int:
@@ -570,8 +608,11 @@ class CachedModel(wrapt.ObjectProxy):  # type: ignore[type-arg]
         try:
             self._self_store.put_many(pending)
         except StoreError as exc:
-            self._self_warn("write", f"lmms-cache: cannot write to the cache: {exc}. Responses "
-                            "are returned as usual; unsaved ones are retried with the next batch.")
+            self._self_warn(
+                "write",
+                f"lmms-cache: cannot write to the cache: {exc}. Responses "
+                "are returned as usual; unsaved ones are retried with the next batch.",
+            )
             self._self_pending = pending[-_MAX_PENDING:]
             return 0
         self._self_pending = []
@@ -601,8 +642,9 @@ class CachedModel(wrapt.ObjectProxy):  # type: ignore[type-arg]
         self._self_guard(lambda: _flush_touched(self._self_store, self._self_touched), "recording hits")
 
     def _self_file_lookup(self, path: str, signature: tuple[int, ...]) -> bytes | None:
-        return self._self_guard(lambda: self._self_store.file_digest(path, signature),  # type: ignore[no-any-return]
-                                "reading a file digest")
+        return self._self_guard(  # type: ignore[no-any-return]
+            lambda: self._self_store.file_digest(path, signature), "reading a file digest"
+        )
 
     def _self_file_remember(self, path: str, signature: tuple[int, ...], digest: bytes) -> None:
         self._self_new_files.append((path, signature, digest))
@@ -635,6 +677,25 @@ class CachedModel(wrapt.ObjectProxy):  # type: ignore[type-arg]
         from tqdm import tqdm
 
         return tqdm(total=total, desc=f"lmms-cache {method} misses", unit="req", leave=False)
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection while keying and answering a call.
+
+    Keying allocates a few small containers per request and keeps them for the call: with
+    10,000 requests the collector would run hundreds of times over objects that all survive
+    (a quarter of a text hit's cost here, more in an evaluator's large heap). The objects
+    hold no cycles; collection resumes, as it was, when the call's hits are answered.
+    """
+    enabled = gc.isenabled()
+    if enabled:
+        gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _flush_touched(store: Store, touched: dict[bytes, int]) -> None:

@@ -77,7 +77,11 @@ class RequestView:
         """The address as key parts, for requests whose media could not be resolved."""
         if not self.has_address:
             return []
-        return [Part("doc_id", self.doc_id, VALUE), Part("task", self.task, VALUE), Part("split", self.split, VALUE)]
+        return [
+            Part("doc_id", self.doc_id, VALUE),
+            Part("task", self.task, VALUE),
+            Part("split", self.split, VALUE),
+        ]
 
 
 def _args(request: Any) -> tuple[Any, ...]:
@@ -89,7 +93,7 @@ def _args(request: Any) -> tuple[Any, ...]:
             f"a request must have an .args tuple (an lmms-eval or lm-eval Instance), "
             f"not {type(request).__name__}"
         )
-    return args if isinstance(args, tuple) else (args,)
+    return args if type(args) is tuple or isinstance(args, tuple) else (args,)
 
 
 def _metadata(request: Any) -> tuple[Any, Any, Any, int]:
@@ -97,16 +101,17 @@ def _metadata(request: Any) -> tuple[Any, Any, Any, int]:
     meta = getattr(request, "metadata", None)
     task = split = doc_id = None
     repeats: Any = 1
-    if isinstance(meta, Mapping):
+    if type(meta) is dict or isinstance(meta, Mapping):
         task, doc_id, split = meta.get("task"), meta.get("doc_id"), meta.get("split")
         repeats = meta.get("repeats", 1)
     elif isinstance(meta, tuple) and len(meta) == 3:
         task, doc_id, repeats = meta
-    try:
-        repeats = int(repeats or 1)
-    except (TypeError, ValueError):
-        repeats = 1
-    return task, split, doc_id, repeats
+    if type(repeats) is not int:
+        try:
+            repeats = int(repeats or 1)
+        except (TypeError, ValueError):
+            repeats = 1
+    return task, split, doc_id, repeats or 1
 
 
 def _is_doc_id(v: Any) -> bool:
@@ -121,21 +126,28 @@ def _fn_or_none(v: Any) -> bool:
     return v is None or callable(v)
 
 
+# Part(name, value, role) without the namedtuple's Python-level constructor (the hit path
+# builds three per request).
+_new = tuple.__new__
+
+
 def view(method: str, request: Any) -> RequestView:
     """Name the roles of a request's arguments (see the module notes)."""
     args = _args(request)
-    _task, _split, _doc_id, repeats = _metadata(request)
     n = len(args)
-    tail_ok = n >= 6 and isinstance(args[-2], str) and isinstance(args[-1], str) and _is_doc_id(args[-3])
-    if tail_ok and n == 6 and method == "generate_until" and _is_mapping(args[1]) and _fn_or_none(args[2]):
-        parts = [Part("context", args[0], VALUE), Part("gen_kwargs", args[1], VALUE), Part("visual", args[2], RESOLVE)]
+    if n < 6 or not isinstance(args[-1], str) or not isinstance(args[-2], str) or not _is_doc_id(args[-3]):
+        task, split, doc_id, repeats = _metadata(request)
+        return _generic(args, repeats, task, split, doc_id)
+    repeats = _metadata(request)[3]
+    if n == 6 and method == "generate_until" and _is_mapping(args[1]) and _fn_or_none(args[2]):
+        parts = [_new(Part, ("context", args[0], VALUE)), _new(Part, ("gen_kwargs", args[1], VALUE)),
+                 _new(Part, ("visual", args[2], RESOLVE))]  # fmt: skip
         gen = args[1]
-    elif tail_ok and n == 6 and method == "generate_until" and callable(args[1]) and isinstance(args[2], Mapping):
-        parts = [Part("context", args[0], VALUE), Part("messages", args[1], RESOLVE), Part("gen_kwargs", args[2], VALUE)]
+    elif n == 6 and method == "generate_until" and callable(args[1]) and _is_mapping(args[2]):
+        parts = [_new(Part, ("context", args[0], VALUE)), _new(Part, ("messages", args[1], RESOLVE)),
+                 _new(Part, ("gen_kwargs", args[2], VALUE))]  # fmt: skip
         gen = args[2]
-    elif tail_ok and n == 6 and method == "generate_until_multi_round" and callable(args[1]) and isinstance(
-        args[2], Mapping
-    ):
+    elif n == 6 and method == "generate_until_multi_round" and callable(args[1]) and _is_mapping(args[2]):
         # Chat-layout multi-round: the model calls doc_to_messages once per round (with a
         # round index), so the messages function counts by code and the document by content.
         parts = [
@@ -143,22 +155,26 @@ def view(method: str, request: Any) -> RequestView:
             Part("doc", None, DOC),
         ]  # fmt: skip
         gen = args[2]
-    elif tail_ok and n == 7 and method == "generate_until_multi_round" and isinstance(args[1], Mapping):
+    elif n == 7 and method == "generate_until_multi_round" and _is_mapping(args[1]):
         parts = [
             Part("context", args[0], VALUE), Part("gen_kwargs", args[1], VALUE), Part("visual", args[2], RESOLVE),
             Part("step", args[3], VALUE), Part("doc", None, DOC),
         ]  # fmt: skip
         gen = args[1]
-    elif tail_ok and n == 6 and method == "loglikelihood" and _fn_or_none(args[2]) and (
-        callable(args[1]) or isinstance(args[1], (str, list, tuple))
+    elif (
+        n == 6
+        and method == "loglikelihood"
+        and _fn_or_none(args[2])
+        and (callable(args[1]) or isinstance(args[1], (str, list, tuple)))
     ):
         target_role = RESOLVE if callable(args[1]) else VALUE
-        parts = [Part("context", args[0], VALUE), Part("target", args[1], target_role), Part("visual", args[2], RESOLVE)]
+        parts = [_new(Part, ("context", args[0], VALUE)), _new(Part, ("target", args[1], target_role)),
+                 _new(Part, ("visual", args[2], RESOLVE))]  # fmt: skip
         gen = None
     else:
-        return _generic(args, repeats, _task, _split, _doc_id)
-    return RequestView(parts, task=args[-2], split=args[-1], doc_id=args[-3],
-                       gen_kwargs=gen, repeats=repeats, has_address=True)  # fmt: skip
+        task, split, doc_id, repeats = _metadata(request)
+        return _generic(args, repeats, task, split, doc_id)
+    return RequestView(parts, args[-2], args[-1], args[-3], gen, repeats, True)
 
 
 def _generic(args: tuple[Any, ...], repeats: int, task: Any, split: Any, doc_id: Any) -> RequestView:
@@ -209,8 +225,8 @@ class Resolver:
             DocumentUnavailable: no task_dict entry for the document.
             Exception: whatever ``fn`` raises.
         """
-        constant = _document_free_result(fn)
-        if constant is not _NEEDS_DOCUMENT:
+        constant = document_free_result(fn)
+        if constant is not NEEDS_DOCUMENT:
             return constant
         doc = self.document(address)
         states = _save_random_states()
@@ -220,10 +236,10 @@ class Resolver:
             _restore_random_states(states)
 
 
-_NEEDS_DOCUMENT = object()
+NEEDS_DOCUMENT = object()
 
 
-def _document_free_result(fn: Any) -> Any:
+def document_free_result(fn: Any) -> Any:
     """What lmms-eval's own ``ConfigurableTask.doc_to_visual`` returns without reading the
     document: for a task whose ``doc_to_visual`` is neither a column name nor a function
     (a text-only task), the configured value itself (``None``).
@@ -235,10 +251,10 @@ def _document_free_result(fn: Any) -> Any:
     """
     task_module = sys.modules.get("lmms_eval.api.task")
     if task_module is None or getattr(fn, "__func__", None) is not _original_doc_to_visual(task_module):
-        return _NEEDS_DOCUMENT
-    configured = getattr(getattr(fn.__self__, "config", None), "doc_to_visual", _NEEDS_DOCUMENT)
-    if configured is _NEEDS_DOCUMENT or type(configured) is str or callable(configured):
-        return _NEEDS_DOCUMENT
+        return NEEDS_DOCUMENT
+    configured = getattr(getattr(fn.__self__, "config", None), "doc_to_visual", NEEDS_DOCUMENT)
+    if configured is NEEDS_DOCUMENT or type(configured) is str or callable(configured):
+        return NEEDS_DOCUMENT
     return configured
 
 
