@@ -22,29 +22,59 @@ from .store import Entry
 __all__ = ["describe", "differences", "explain_against"]
 
 _SHORT = 40
+# A JSON string literal (the C function json.dumps uses for strings).
+_json_str = json.encoder.encode_basestring_ascii
 _ORDER = {"model": 0, "method": 1}
 
 
-def describe(rk: RequestKey) -> tuple[str, str | None]:
-    """(components JSON, prompt digest) of a request: what an entry stores to explain misses.
+def describe(rk: RequestKey, memo: dict[bytes, tuple[str, str]] | None = None) -> tuple[str, str | None]:
+    """(components JSON, prompt digest or None) of a request: what an entry stores to explain
+    misses.
 
+    The JSON is ``{"d": {component: digest}, "v": {setting: readable value}}``, with each
+    setting of a mapping argument (``gen_kwargs.max_new_tokens``) a component of its own.
     Call it before the model sees the request: the readable setting values are taken from
-    the request as it is now, and models change ``gen_kwargs`` in place.
+    the request as it is now, and models change ``gen_kwargs`` in place. ``memo`` (one per
+    call) shares the work for settings whose canonical bytes are the same: an evaluator's
+    requests nearly all carry equal ``gen_kwargs``.
     """
     digests = rk.components()
-    values: dict[str, str] = {}
+    d_parts = [f"{_json_str(name)}:{_json_str(d)}" for name, d in digests.items()]
+    v_parts = []
     if rk.view is not None:
         # Settings one by one: computed here, for misses only, so that keying a hit stays
         # one pass over the request.
-        encoder = Encoder()
+        spans = {name: (a, b) for name, a, b in rk.spans}
         for part in rk.view.parts:
-            if part.role == "value" and isinstance(part.value, Mapping):
-                for k, v in part.value.items():
-                    name = f"{part.name}.{k}"
-                    digests[name] = xxhash.xxh3_64_hexdigest(encoder.encode(k) + encoder.encode(v))
-                    values[name] = _short(v)
-    prompt = digests.get("context") or digests.get("arg0")
-    return json.dumps({"d": digests, "v": values}, separators=(",", ":"), sort_keys=True), prompt
+            if part.role != "value" or not isinstance(part.value, Mapping):
+                continue
+            span = spans.get(part.name)
+            canonical = part.name.encode() + b"\0" + rk.material[span[0] : span[1]] if span else None
+            found = memo.get(canonical) if memo is not None and canonical is not None else None
+            if found is None:
+                found = _settings(part.name, part.value)
+                if memo is not None and canonical is not None:
+                    memo[canonical] = found
+            if found[0]:
+                d_parts.append(found[0])
+                v_parts.append(found[1])
+    # The prompt digest finds the entries to compare with only for requests without a
+    # document (those are found by task and doc_id): a random value per row would cost an
+    # index page write per stored row.
+    prompt = digests.get("context") or digests.get("arg0") if rk.view is None or rk.view.address is None else None
+    return '{"d":{' + ",".join(d_parts) + '},"v":{' + ",".join(v_parts) + "}}", prompt
+
+
+def _settings(name: str, mapping: Mapping[Any, Any]) -> tuple[str, str]:
+    """Each setting's digest and readable value, named ``name.setting``, as the members of
+    two JSON objects."""
+    encoder = Encoder()
+    digests, values = [], []
+    for k, v in mapping.items():
+        full = _json_str(f"{name}.{k}")
+        digests.append(f"{full}:{_json_str(xxhash.xxh3_64_hexdigest(encoder.encode(k) + encoder.encode(v)))}")
+        values.append(f"{full}:{_json_str(_short(v))}")
+    return ",".join(digests), ",".join(values)
 
 
 def differences(new: Mapping[str, Any], old: Mapping[str, Any]) -> list[str]:

@@ -459,7 +459,8 @@ class CachedModel(wrapt.ObjectProxy):  # type: ignore[type-arg]
             stats.refused += len(jobs)
             raise CacheMissError(method, [missed[i] for i, _ in jobs], [requests[i] for i, _ in jobs])
         # Described now, before the model can change gen_kwargs in place.
-        described = {key: describe(missed[i]) for i, key in jobs if key is not None}
+        memo: dict[bytes, Any] = {}
+        described = {key: describe(missed[i], memo) for i, key in jobs if key is not None}
         if described and log.isEnabledFor(logging.DEBUG):
             for i, key in jobs:
                 if key is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = ["Entry", "NullStore", "Store", "StoreError", "Where"]
 
@@ -17,11 +17,11 @@ class StoreError(Exception):
     """
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):
     """One stored response and what management needs to know about it.
 
-    ``value`` is the encoded envelope (see :mod:`lmms_cache.codec`).
+    ``value`` is the encoded envelope (see :mod:`lmms_cache.codec`). A named tuple: every
+    miss builds one, and a frozen dataclass costs several times more to construct.
     """
 
     key: bytes
@@ -37,7 +37,7 @@ class Entry:
     components: str | None = None  # JSON {key component: hex digest}, for explaining misses
     hits: int = 0
     used_at: float = 0.0  # the last hit, else the creation: what LRU eviction orders by
-    prompt: str | None = None  # digest of the prompt component: finds entries to explain a miss
+    prompt: str | None = None  # prompt digest of a request without a document: explains its misses
 
     @property
     def size(self) -> int:
