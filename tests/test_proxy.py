@@ -166,7 +166,7 @@ def test_a_pickled_proxy_works_on_the_same_cache(tmp_path, serializer):
     assert again == first
     assert copy_.cache_stats.hits == 3
     assert copy_.cache_stats.model_calls == 0
-    assert copy_._self_batch_size == 7
+    assert copy_._self_cache.batch_size == 7
 
 
 def test_copy_and_deepcopy_give_working_proxies(tmp_path):

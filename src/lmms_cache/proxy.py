@@ -15,7 +15,6 @@ plus one warning per kind of problem.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import gc
 import logging
@@ -24,7 +23,7 @@ import os
 import sys
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -275,7 +274,7 @@ def _proxy_class(model_cls: type, methods: tuple[str, ...]) -> type[CachedModel]
 
 def _interceptor(method: str) -> Callable[..., Any]:
     def intercept(self: CachedModel, requests: Sequence[Any], *args: Any, **kwargs: Any) -> Any:
-        return self._self_run(method, requests, args, kwargs)
+        return self._self_cache.run(method, requests, args, kwargs)
 
     intercept.__name__ = intercept.__qualname__ = method
     intercept.__doc__ = f"``{method}`` answered from the cache where possible."
@@ -295,67 +294,34 @@ def _rebuild(model: Any, options: dict[str, Any], identity: ModelIdentity) -> Ca
 class CachedModel(wrapt.ObjectProxy):  # type: ignore[type-arg]
     """The proxy :func:`cached` returns (one subclass per model class).
 
-    Everything not defined here is the model's. Proxy state lives in ``_self_*``
-    attributes, which wrapt keeps on the proxy.
+    Everything not defined here is the model's. The cache itself is a plain object in
+    ``_self_cache`` (wrapt keeps ``_self_*`` attributes on the proxy; each costs a lookup
+    through the proxy, so the work happens on the plain object).
     """
 
     def __init__(self, model: Any, options: dict[str, Any], identity: ModelIdentity | None = None) -> None:
         super().__init__(model)
-        self._self_options = options
-        self._self_mode = options["mode"]
-        self._self_batch_size = options["batch_size"]
-        self._self_is_failure = options["is_failure"] or default_is_failure
-        self._self_progress = options["progress"]
-        self._self_lockstep = options["lockstep"]
-        self._self_on_miss = options["on_miss"]
-        self._self_max_size = options.get("max_size")
-        self._self_max_age = options.get("expire_after")
-        # Hits are recorded (counts, last use) in batches, not with a write per call.
-        self._self_touched: dict[bytes, int] = {}
-        self._self_touched_at = time.monotonic()
-        self._self_stats = CacheStats()
-        self._self_warned: set[str] = set()
-        self._self_pending: list[Entry] = []
-        self._self_new_files: list[tuple[str, tuple[int, ...], bytes]] = []
-        location = options["path"] if options["path"] is not None else default_location()
-        self._self_location = os.path.abspath(os.path.expanduser(location))
-        self._self_store = self._self_open_store(options["durable"])
-        self._self_identity = identity if identity is not None else identify(model, options["model_id"])
-        log.info(
-            "lmms-cache: %s at %s, model identity %s = %s",
-            self._self_mode,
-            self._self_location,
-            self._self_identity.digest[:12],
-            self._self_identity.json(),
-        )
-        files = FileDigests(lookup=self._self_file_lookup, remember=self._self_file_remember)
-        self._self_keys = KeyBuilder(self._self_identity, model, Encoder(files),
-                                     sampling=options["sampling"], warn=self._self_warn)  # fmt: skip
-        if self._self_mode not in ("off", "readonly"):
-            weakref.finalize(self, _flush_touched, self._self_store, self._self_touched)
-            self._self_guard(
-                lambda: self._self_store.remember_model(
-                    self._self_identity.digest, self._self_identity.json()
-                ),
-                "recording the model",
-            )
+        self._self_cache = cache = _Cache(model, options, identity)
+        if cache.mode not in ("off", "readonly"):
+            # Hit counts gathered since the last flush are written when the proxy goes away.
+            weakref.finalize(self, _flush_touched, cache.store, cache.touched)
 
     # -- public, proxy-owned surface ------------------------------------------------------
 
     @property
     def cache_stats(self) -> CacheStats:
         """Cumulative counts since wrapping."""
-        return self._self_stats
+        return self._self_cache.stats
 
     @property
     def cache_identity(self) -> ModelIdentity:
         """The model identity that is part of every key."""
-        return self._self_identity
+        return self._self_cache.identity
 
     @property
     def cache_store(self) -> Store:
         """The store behind the proxy (a :class:`NullStore` when the cache is unusable)."""
-        return self._self_store
+        return self._self_cache.store
 
     def cache_explain(self, method: str, requests: Sequence[Any]) -> list[str]:
         """Why each request would hit or miss, without calling the model or using up samples.
@@ -365,11 +331,78 @@ class CachedModel(wrapt.ObjectProxy):  # type: ignore[type-arg]
         (``gen_kwargs.max_new_tokens: 16 → 32``, ``visual: content changed``,
         ``model identity changed``).
         """
+        return self._self_cache.explain(method, requests)
+
+    def cache_close(self) -> None:
+        """Retry unsaved entries once more and release the store's connection."""
+        self._self_cache.close()
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        return _rebuild, (self.__wrapped__, self._self_cache.options, self._self_cache.identity)
+
+    def __copy__(self) -> CachedModel:
+        return _rebuild(self.__wrapped__, self._self_cache.options, self._self_cache.identity)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> CachedModel:
+        import copy
+
+        cache = self._self_cache
+        return _rebuild(copy.deepcopy(self.__wrapped__, memo), cache.options, cache.identity)
+
+    def __repr__(self) -> str:
+        cache = self._self_cache
+        return f"<lmms_cache {cache.mode} proxy of {self.__wrapped__!r} at {cache.location}>"
+
+
+class _Cache:
+    """The cache behind one proxy: its options, key builder, store and counters, and the
+    handling of each call (:meth:`run`)."""
+
+    def __init__(self, model: Any, options: dict[str, Any], identity: ModelIdentity | None) -> None:
+        self.model = model
+        self.options = options
+        self.mode = options["mode"]
+        self.batch_size = options["batch_size"]
+        self.is_failure = options["is_failure"] or default_is_failure
+        self.progress = options["progress"]
+        self.lockstep = options["lockstep"]
+        self.on_miss = options["on_miss"]
+        self.max_size = options.get("max_size")
+        self.max_age = options.get("expire_after")
+        # Hits are recorded (counts, last use) in batches, not with a write per call.
+        self.touched: dict[bytes, int] = {}
+        self.touched_at = time.monotonic()
+        self.stats = CacheStats()
+        self.warned: set[str] = set()
+        self.pending: list[Entry] = []
+        self.new_files: list[tuple[str, tuple[int, ...], bytes]] = []
+        location = options["path"] if options["path"] is not None else default_location()
+        self.location = os.path.abspath(os.path.expanduser(location))
+        self.store = self.open(options["durable"])
+        self.identity = identity if identity is not None else identify(model, options["model_id"])
+        log.info(
+            "lmms-cache: %s at %s, model identity %s = %s",
+            self.mode,
+            self.location,
+            self.identity.digest[:12],
+            self.identity.json(),
+        )
+        files = FileDigests(lookup=self.file_lookup, remember=self.file_remember)
+        self.keys = KeyBuilder(self.identity, model, Encoder(files),
+                                     sampling=options["sampling"], warn=self.warn)  # fmt: skip
+        if self.mode not in ("off", "readonly"):
+            self.guard(
+                lambda: self.store.remember_model(self.identity.digest, self.identity.json()),
+                "recording the model",
+            )
+
+    def explain(self, method: str, requests: Sequence[Any]) -> list[str]:
+        """See :meth:`CachedModel.cache_explain`."""
         requests = list(requests)
-        keys = self._self_keys.keys(method, requests, count=False)
+        keys = self.keys.keys(method, requests, count=False)
         wanted = [rk.key for rk in keys if rk.key is not None]
-        fresh = None if self._self_max_age is None else time.time() - self._self_max_age
-        stored = self._self_guard(lambda: self._self_store.get_many(wanted, created_after=fresh),
+        fresh = None if self.max_age is None else time.time() - self.max_age
+        stored = self.guard(lambda: self.store.get_many(wanted, created_after=fresh),
                                   "reading the cache", {})  # fmt: skip
         out = []
         for rk in keys:
@@ -378,62 +411,47 @@ class CachedModel(wrapt.ObjectProxy):  # type: ignore[type-arg]
             elif rk.key in stored:
                 out.append("hit")
             else:
-                out.append("miss: " + self._self_why(method, rk, describe(rk)[0]))
+                out.append("miss: " + self.why(method, rk, describe(rk)[0]))
         return out
 
-    def _self_why(self, method: str, rk: RequestKey, description: str) -> str:
+    def why(self, method: str, rk: RequestKey, description: str) -> str:
         rv = rk.view
         prompt = describe(rk)[1]
-        candidates = self._self_guard(lambda: self._self_store.similar(
+        candidates = self.guard(lambda: self.store.similar(
             method, task=None if rv is None or rv.task is None else str(rv.task),
             doc_id=None if rv is None or rv.doc_id is None else str(rv.doc_id), prompt=prompt,
         ), "reading the cache", [])  # fmt: skip
         return explain_against(description, candidates)
 
-    def cache_close(self) -> None:
-        """Retry unsaved entries once more and release the store's connection."""
-        self._self_flush()
-        self._self_store.close()
-
-    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
-        return _rebuild, (self.__wrapped__, self._self_options, self._self_identity)
-
-    def __copy__(self) -> CachedModel:
-        return _rebuild(self.__wrapped__, self._self_options, self._self_identity)
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> CachedModel:
-        import copy
-
-        return _rebuild(copy.deepcopy(self.__wrapped__, memo), self._self_options, self._self_identity)
-
-    def __repr__(self) -> str:
-        return f"<lmms_cache {self._self_mode} proxy of {self.__wrapped__!r} at {self._self_location}>"
+    def close(self) -> None:
+        self.flush()
+        self.store.close()
 
     # -- one call ---------------------------------------------------------------------------
 
-    def _self_run(self, method: str, requests: Sequence[Any], args: tuple[Any, ...],
+    def run(self, method: str, requests: Sequence[Any], args: tuple[Any, ...],
                   kwargs: dict[str, Any]) -> list[Any]:  # fmt: skip
-        model_method = getattr(self.__wrapped__, method)
-        if self._self_mode == "off":
+        model_method = getattr(self.model, method)
+        if self.mode == "off":
             return model_method(requests, *args, **kwargs)  # type: ignore[no-any-return]
         requests = list(requests)
         if not requests:
-            if self._self_lockstep:
+            if self.lockstep:
                 # The other ranks agree on a count and may call the model: join the
                 # agreement (a collective) and step with them, with nothing to ask.
-                for _ in range(self._self_padding(0)):
+                for _ in range(self.padding(0)):
                     model_method(requests, *args, **kwargs)
                 return []
             return model_method(requests, *args, **kwargs)  # type: ignore[no-any-return]
-        stats = self._self_stats
+        stats = self.stats
         stats.calls += 1
         stats.requests += len(requests)
         results: list[Any] = [None] * len(requests)
         todo: dict[bytes, list[int]] = {}
         jobs: list[tuple[int, bytes | None]] = []  # (first request index, key) to compute
-        with _gc_paused():
-            keys = self._self_keys.keys(method, requests)
-            found = self._self_lookup(keys) if self._self_mode != "refresh" else {}
+        with _GcPaused():
+            keys = self.keys.keys(method, requests)
+            found = self.lookup(keys) if self.mode != "refresh" else {}
             hits = bypassed = 0
             for i, rk in enumerate(keys):
                 key = rk.key
@@ -450,12 +468,12 @@ class CachedModel(wrapt.ObjectProxy):  # type: ignore[type-arg]
                     jobs.append((i, key))
             stats.hits += hits
             stats.bypassed += bypassed
-            self._self_record_hits(keys, found)
+            self.record_hits(keys, found)
             # Only the misses' keys are needed from here on: the hits' are freed while the
             # collector is paused, so it never has to walk them.
             missed = {i: keys[i] for i, _ in jobs}
             del keys, found
-        if jobs and self._self_on_miss == "error":
+        if jobs and self.on_miss == "error":
             stats.refused += len(jobs)
             raise CacheMissError(method, [missed[i] for i, _ in jobs], [requests[i] for i, _ in jobs])
         # Described now, before the model can change gen_kwargs in place.
@@ -468,12 +486,12 @@ class CachedModel(wrapt.ObjectProxy):  # type: ignore[type-arg]
                         "lmms-cache %s miss %s: %s",
                         method,
                         key.hex()[:12],
-                        self._self_why(method, missed[i], described[key][0]),
+                        self.why(method, missed[i], described[key][0]),
                     )
-        written, failures, model_seconds = self._self_compute(
+        written, failures, model_seconds = self.compute(
             method, model_method, requests, missed, jobs, todo, results, args, kwargs, described
         )
-        self._self_flush_files()
+        self.flush_files()
         log.info(
             "lmms-cache %s: %d requests, %d hits, %d misses, %d written, %d not cached, %.2fs in the model",
             method,
@@ -486,18 +504,18 @@ class CachedModel(wrapt.ObjectProxy):  # type: ignore[type-arg]
         )
         return results
 
-    def _self_compute(self, method: str, model_method: Callable[..., Any], requests: list[Any],
+    def compute(self, method: str, model_method: Callable[..., Any], requests: list[Any],
                       keys: dict[int, RequestKey], jobs: list[tuple[int, bytes | None]],
                       todo: dict[bytes, list[int]], results: list[Any], args: tuple[Any, ...],
                       kwargs: dict[str, Any], described: dict[bytes, tuple[str, str | None]],
                       ) -> tuple[int, int, float]:  # fmt: skip
-        size = self._self_batch_size
+        size = self.batch_size
         batches = [jobs[s : s + size] for s in range(0, len(jobs), size)]
-        padding = self._self_padding(len(batches))
-        stats = self._self_stats
+        padding = self.padding(len(batches))
+        stats = self.stats
         written = failures = 0
         model_seconds = 0.0
-        bar = self._self_bar(method, len(jobs))
+        bar = self.bar(method, len(jobs))
         try:
             for batch in batches:
                 started = time.perf_counter()
@@ -510,7 +528,7 @@ class CachedModel(wrapt.ObjectProxy):  # type: ignore[type-arg]
                 responses = list(responses)
                 if len(responses) != len(batch):
                     raise RuntimeError(
-                        f"{type(self.__wrapped__).__name__}.{method} returned {len(responses)} "
+                        f"{type(self.model).__name__}.{method} returned {len(responses)} "
                         f"responses for {len(batch)} requests"
                     )
                 entries = []
@@ -521,14 +539,14 @@ class CachedModel(wrapt.ObjectProxy):  # type: ignore[type-arg]
                         continue
                     for j in todo[key]:
                         results[j] = response
-                    if self._self_is_failure(response):
+                    if self.is_failure(response):
                         failures += 1
                         continue
-                    entry = self._self_entry(method, key, keys[i], response, now, elapsed / len(batch),
+                    entry = self.entry(method, key, keys[i], response, now, elapsed / len(batch),
                                              described[key])  # fmt: skip
                     if entry is not None:
                         entries.append(entry)
-                written += self._self_save(entries)
+                written += self.save(entries)
                 if bar is not None:
                     bar.update(len(batch))
             for _ in range(padding):
@@ -540,12 +558,12 @@ class CachedModel(wrapt.ObjectProxy):  # type: ignore[type-arg]
         stats.failures += failures
         return written, failures, model_seconds
 
-    def _self_entry(self, method: str, key: bytes, rk: RequestKey, response: Any, now: float,
+    def entry(self, method: str, key: bytes, rk: RequestKey, response: Any, now: float,
                     seconds: float, described: tuple[str, str | None]) -> Entry | None:  # fmt: skip
         try:
             value = codec.encode(response)
         except Exception as exc:  # anything dill cannot serialize stays uncached
-            self._self_warn(
+            self.warn(
                 "encode",
                 f"lmms-cache: a {method} response of type "
                 f"{type(response).__name__} cannot be stored ({exc}); it stays uncached",
@@ -553,7 +571,7 @@ class CachedModel(wrapt.ObjectProxy):  # type: ignore[type-arg]
             return None
         rv = rk.view
         doc_id = None if rv is None or rv.doc_id is None else str(rv.doc_id)
-        return Entry(key=key, value=value, model=self._self_identity.digest, method=method,
+        return Entry(key=key, value=value, model=self.identity.digest, method=method,
                      task=None if rv is None or rv.task is None else str(rv.task),
                      split=None if rv is None or rv.split is None else str(rv.split),
                      doc_id=doc_id, created_at=now, model_seconds=seconds,
@@ -562,115 +580,115 @@ class CachedModel(wrapt.ObjectProxy):  # type: ignore[type-arg]
 
     # -- the store, guarded -----------------------------------------------------------------
 
-    def _self_open_store(self, durable: bool) -> Store:
-        if self._self_mode == "off":
-            return NullStore(self._self_location, "mode off")
+    def open(self, durable: bool) -> Store:
+        if self.mode == "off":
+            return NullStore(self.location, "mode off")
         try:
-            return open_store(self._self_location, readonly=self._self_mode == "readonly", durable=durable,
-                              trust=self._self_options.get("trust", False))  # fmt: skip
+            return open_store(self.location, readonly=self.mode == "readonly", durable=durable,
+                              trust=self.options.get("trust", False))  # fmt: skip
         except StoreError as exc:
-            self._self_warn(
+            self.warn(
                 "open",
                 f"lmms-cache: the cache is unusable ({exc}); running uncached. "
                 "The model's responses are returned as usual but not saved.",
             )
-            return NullStore(self._self_location, str(exc))
+            return NullStore(self.location, str(exc))
 
-    def _self_guard(self, action: Callable[[], Any], what: str, default: Any = None) -> Any:
+    def guard(self, action: Callable[[], Any], what: str, default: Any = None) -> Any:
         try:
             return action()
         except StoreError as exc:
-            self._self_warn(what, f"lmms-cache: {what} failed: {exc}. Continuing uncached for this step.")
+            self.warn(what, f"lmms-cache: {what} failed: {exc}. Continuing uncached for this step.")
             return default
 
-    def _self_lookup(self, keys: list[RequestKey]) -> dict[bytes, Any]:
+    def lookup(self, keys: list[RequestKey]) -> dict[bytes, Any]:
         wanted = list({rk.key for rk in keys if rk.key is not None})
-        fresh = None if self._self_max_age is None else time.time() - self._self_max_age
-        blobs = self._self_guard(lambda: self._self_store.get_many(wanted, created_after=fresh),
+        fresh = None if self.max_age is None else time.time() - self.max_age
+        blobs = self.guard(lambda: self.store.get_many(wanted, created_after=fresh),
                                  "reading the cache", {})  # fmt: skip
         found = {}
         for key, blob in blobs.items():
             try:
                 found[key] = codec.decode(blob)
             except codec.CodecError as exc:
-                self._self_warn(
+                self.warn(
                     "decode",
-                    f"lmms-cache: a stored value in {self._self_store.location} "
+                    f"lmms-cache: a stored value in {self.store.location} "
                     f"cannot be read ({exc}); it is recomputed and overwritten",
                 )
         return found
 
-    def _self_save(self, entries: list[Entry]) -> int:
-        if self._self_mode == "readonly" or isinstance(self._self_store, NullStore):
+    def save(self, entries: list[Entry]) -> int:
+        if self.mode == "readonly" or isinstance(self.store, NullStore):
             return 0
-        pending = self._self_pending + entries
+        pending = self.pending + entries
         if not pending:
             return 0
         try:
-            self._self_store.put_many(pending)
+            self.store.put_many(pending)
         except StoreError as exc:
-            self._self_warn(
+            self.warn(
                 "write",
                 f"lmms-cache: cannot write to the cache: {exc}. Responses "
                 "are returned as usual; unsaved ones are retried with the next batch.",
             )
-            self._self_pending = pending[-_MAX_PENDING:]
+            self.pending = pending[-_MAX_PENDING:]
             return 0
-        self._self_pending = []
-        self._self_stats.written += len(pending)
-        if self._self_max_size is not None:
-            limit = self._self_max_size
-            self._self_guard(lambda: self._self_store.evict(limit), "evicting old entries")
+        self.pending = []
+        self.stats.written += len(pending)
+        if self.max_size is not None:
+            limit = self.max_size
+            self.guard(lambda: self.store.evict(limit), "evicting old entries")
         return len(pending)
 
-    def _self_flush(self) -> None:
-        self._self_save([])
-        self._self_flush_files()
-        self._self_flush_touched()
+    def flush(self) -> None:
+        self.save([])
+        self.flush_files()
+        self.flush_touched()
 
-    def _self_record_hits(self, keys: list[RequestKey], found: dict[bytes, Any]) -> None:
-        if self._self_mode == "readonly" or not found:
+    def record_hits(self, keys: list[RequestKey], found: dict[bytes, Any]) -> None:
+        if self.mode == "readonly" or not found:
             return
-        touched = self._self_touched
+        touched = self.touched
         for rk in keys:
             if rk.key in found:
                 touched[rk.key] = touched.get(rk.key, 0) + 1
-        if len(touched) >= _TOUCH_MAX or time.monotonic() - self._self_touched_at >= _TOUCH_EVERY:
-            self._self_flush_touched()
+        if len(touched) >= _TOUCH_MAX or time.monotonic() - self.touched_at >= _TOUCH_EVERY:
+            self.flush_touched()
 
-    def _self_flush_touched(self) -> None:
-        self._self_touched_at = time.monotonic()
-        self._self_guard(lambda: _flush_touched(self._self_store, self._self_touched), "recording hits")
+    def flush_touched(self) -> None:
+        self.touched_at = time.monotonic()
+        self.guard(lambda: _flush_touched(self.store, self.touched), "recording hits")
 
-    def _self_file_lookup(self, path: str, signature: tuple[int, ...]) -> bytes | None:
-        return self._self_guard(  # type: ignore[no-any-return]
-            lambda: self._self_store.file_digest(path, signature), "reading a file digest"
+    def file_lookup(self, path: str, signature: tuple[int, ...]) -> bytes | None:
+        return self.guard(  # type: ignore[no-any-return]
+            lambda: self.store.file_digest(path, signature), "reading a file digest"
         )
 
-    def _self_file_remember(self, path: str, signature: tuple[int, ...], digest: bytes) -> None:
-        self._self_new_files.append((path, signature, digest))
+    def file_remember(self, path: str, signature: tuple[int, ...], digest: bytes) -> None:
+        self.new_files.append((path, signature, digest))
 
-    def _self_flush_files(self) -> None:
-        if self._self_new_files and self._self_mode != "readonly":
-            rows, self._self_new_files = self._self_new_files, []
-            self._self_guard(lambda: self._self_store.remember_files(rows), "remembering file digests")
+    def flush_files(self) -> None:
+        if self.new_files and self.mode != "readonly":
+            rows, self.new_files = self.new_files, []
+            self.guard(lambda: self.store.remember_files(rows), "remembering file digests")
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def _self_warn(self, kind: str, message: str) -> None:
-        if kind not in self._self_warned:
-            self._self_warned.add(kind)
+    def warn(self, kind: str, message: str) -> None:
+        if kind not in self.warned:
+            self.warned.add(kind)
             log.warning(message)
 
-    def _self_padding(self, local_batches: int) -> int:
-        lockstep = self._self_lockstep
+    def padding(self, local_batches: int) -> int:
+        lockstep = self.lockstep
         if not lockstep:
             return 0
         agree = lockstep if callable(lockstep) else _torch_distributed_max
         return max(0, int(agree(local_batches)) - local_batches)
 
-    def _self_bar(self, method: str, total: int) -> Any:
-        show = self._self_progress
+    def bar(self, method: str, total: int) -> Any:
+        show = self.progress
         if show is None:
             show = sys.stderr.isatty()
         if not show or total == 0:
@@ -680,22 +698,25 @@ class CachedModel(wrapt.ObjectProxy):  # type: ignore[type-arg]
         return tqdm(total=total, desc=f"lmms-cache {method} misses", unit="req", leave=False)
 
 
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
+class _GcPaused:
     """No cyclic garbage collection while keying and answering a call.
 
     Keying allocates a few small containers per request and keeps them for the call: with
     10,000 requests the collector would run hundreds of times over objects that all survive
     (a quarter of a text hit's cost here, more in an evaluator's large heap). The objects
     hold no cycles; collection resumes, as it was, when the call's hits are answered.
+    (A class rather than a contextmanager generator: it is entered once per call.)
     """
-    enabled = gc.isenabled()
-    if enabled:
-        gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
+
+    __slots__ = ("enabled",)
+
+    def __enter__(self) -> None:
+        self.enabled = gc.isenabled()
+        if self.enabled:
+            gc.disable()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
             gc.enable()
 
 
