@@ -138,6 +138,25 @@ def test_one_pixel_changed_gives_another_digest():
     assert digest(img) != digest(other)
 
 
+@pytest.mark.parametrize("mode", ["1", "L", "P", "RGB", "RGBA", "I;16", "I", "F", "CMYK", "YCbCr", "LA"])
+@pytest.mark.parametrize("size", [(1500, 700), (3, 1), (0, 5)])
+def test_image_pixels_are_hashed_as_tobytes_gives_them(mode, size):
+    """The pixels are streamed into the hash in chunks; the digest is that of tobytes()."""
+    import random
+
+    import xxhash
+
+    from lmms_cache.fingerprint import _image_digest
+
+    rng = random.Random(f"{mode}{size}")
+    img = Image.frombytes("RGB", size, rng.randbytes(size[0] * size[1] * 3)).convert(mode)
+    h = xxhash.xxh3_128(f"{img.mode}:{img.size[0]}x{img.size[1]}:".encode())
+    if img.mode in ("P", "PA"):
+        h.update(bytes(img.getpalette() or ()))
+    h.update(img.tobytes())
+    assert _image_digest(img) == h.digest()
+
+
 def test_image_mode_and_size_count():
     assert digest(Image.new("L", (4, 4), 0)) != digest(Image.new("1", (4, 4), 0))
     assert digest(Image.new("L", (4, 4), 0)) != digest(Image.new("L", (2, 8), 0))
