@@ -217,6 +217,10 @@ class Encoder:
                 b = item.encode("utf-8", "surrogatepass")
                 out += b"s%d:" % len(b)
                 out += b
+            elif t is bool:
+                out += b"T" if item else b"F"
+            elif t is float:
+                _put_float(out, item)
             else:
                 put(out, item, item_media)
 

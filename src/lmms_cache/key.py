@@ -55,7 +55,7 @@ class RequestKey(NamedTuple):
     key: bytes | None
     view: RequestView | None
     bypass_reason: str | None = None
-    material: bytes = b""
+    material: bytes | bytearray = b""
     spans: tuple[tuple[str, int, int], ...] = ()
     occurrence: int | None = None
 
@@ -195,7 +195,7 @@ class KeyBuilder:
             )
             return _request_key((None, rview, f"{type(exc).__name__}: {exc}", b"", (), None))
         sampled = self._sampling if self._sampling is not None else is_sampling(rview.gen_kwargs, rview.repeats)
-        material = bytes(out)
+        material = out  # the bytearray itself: a miss digests slices of it, a hit drops it
         return _request_key((digest_bytes(material), rview, None, material, tuple(spans), 0 if sampled else None))
 
     def _resolved(self, fn: Any, rview: RequestView, memo: dict[Any, bytes]) -> bytes | None:

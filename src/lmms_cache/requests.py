@@ -181,15 +181,20 @@ def _generic(args: tuple[Any, ...], repeats: int, task: Any, split: Any, doc_id:
     parts = []
     gen = None
     for i, a in enumerate(args):
-        if i > 0 and isinstance(a, Mapping) and gen is None and not (_MEDIA_KEYS & set(a)):
-            gen = a
-            parts.append(Part(f"arg{i}", a, VALUE))
-        elif i > 0 and isinstance(a, Mapping) and (_MEDIA_KEYS & set(a)):
+        name = _ARG_NAMES[i] if i < len(_ARG_NAMES) else f"arg{i}"
+        if i == 0 or type(a) is str or not (type(a) is dict or isinstance(a, Mapping)):
+            parts.append(_new(Part, (name, a, VALUE)))
+        elif _MEDIA_KEYS.isdisjoint(a):
+            if gen is None:
+                gen = a
+            parts.append(_new(Part, (name, a, VALUE)))
+        else:  # lm-eval's auxiliary arguments: {"visual": [...]}
             for k in sorted(a, key=str):
-                parts.append(Part(f"arg{i}.{k}", a[k], MEDIA if k in _MEDIA_KEYS else VALUE))
-        else:
-            parts.append(Part(f"arg{i}", a, VALUE))
-    return RequestView(parts, task=task, split=split, doc_id=doc_id, gen_kwargs=gen, repeats=repeats)
+                parts.append(Part(f"{name}.{k}", a[k], MEDIA if k in _MEDIA_KEYS else VALUE))
+    return RequestView(parts, task, split, doc_id, gen, repeats)
+
+
+_ARG_NAMES = tuple(f"arg{i}" for i in range(16))
 
 
 class DocumentUnavailable(LookupError):
