@@ -516,6 +516,42 @@ def test_an_lm_eval_style_request_works(tmp_path):
     assert model.log.batches == []
 
 
+def test_a_call_larger_than_a_key_chunk(tmp_path):
+    """A big call is keyed and looked up in chunks: documents shared across a chunk boundary
+    are still resolved once per call, duplicates still reach the model once, and the
+    results come back in the order of the requests."""
+    from lmms_cache.proxy import _KEY_CHUNK
+
+    docs = _KEY_CHUNK // 2 + 3
+    calls = []
+
+    def counted(doc: dict[str, Any]) -> Any:
+        calls.append(doc["question"])
+        return visuals(doc)
+
+    def requests() -> list[Instance]:
+        out = [ll_request(d, f" {c}") for d in range(docs) for c in "ABCD"]
+        for r in out:
+            r.arguments = (r.args[0], r.args[1], counted, *r.args[3:])
+        # Two duplicates first shift the documents off the chunk edges; five at the end.
+        return out[-2:] + out + out[:5]
+
+    def model() -> Scripted:
+        m = Scripted(answer=lambda r: (-float(r.args[3]), r.args[1] == " A"))
+        m.task_dict = task_dict(docs)  # type: ignore[attr-defined]
+        return m
+
+    first_model = model()
+    expected = [(-float(r.args[3]), r.args[1] == " A") for r in requests()]
+    calls.clear()
+    assert cached(first_model, tmp_path).loglikelihood(requests()) == expected
+    assert len(calls) == docs
+    assert sum(len(b) for b in first_model.log.batches) == 4 * docs  # the duplicates were not sent
+    again = cached(model(), tmp_path)
+    assert again.loglikelihood(requests()) == expected
+    assert again.cache_stats.hits == len(expected)
+
+
 def test_an_empty_call_reaches_the_model(tmp_path):
     model = fresh()
     assert cached(model, tmp_path).generate_until([]) == []

@@ -114,15 +114,18 @@ class KeyBuilder:
             self._warned.add(kind)
             self._warn_to(kind, message)
 
-    def keys(self, method: str, requests: Sequence[Any], *, count: bool = True) -> list[RequestKey]:
+    def keys(self, method: str, requests: Sequence[Any], *, count: bool = True,
+             resolved: dict[Any, bytes] | None = None) -> list[RequestKey]:  # fmt: skip
         """One key per request, in order; the same object listed k times is k occurrences.
 
         ``count=False`` computes the keys the next call would get without using up sampled
-        occurrences (for explaining).
+        occurrences (for explaining). ``resolved`` shares the resolved callables' digests
+        between the parts of one call keyed separately (a new dict per call).
         """
         # (callable, document) -> digest, and callable -> digest when it needs no document;
         # for this call only: a document or a task's configuration may change between calls.
-        resolved: dict[Any, bytes] = {}
+        if resolved is None:
+            resolved = {}
         out = []
         occurrences = self._occurrences if count else dict(self._occurrences)
         prefix = self._prefix + method.encode() + b"\0"

@@ -48,6 +48,8 @@ MODES = ("readwrite", "readonly", "refresh", "off")
 # while a model that batches or runs requests concurrently inside one call (vLLM, API
 # wrappers with num_concurrent) still gets enough work per call to stay efficient.
 DEFAULT_BATCH_SIZE = 64
+# Requests keyed and looked up at a time within a call (one SELECT of the SQLite store).
+_KEY_CHUNK = 900
 _MAX_PENDING = 100_000  # unsaved entries kept for a retry while the store refuses writes
 # Hit bookkeeping (counts and last use, for stats and LRU eviction) is written at most every
 # _TOUCH_EVERY seconds or _TOUCH_MAX distinct keys, and when the proxy closes or the process
@@ -449,30 +451,35 @@ class _Cache:
         results: list[Any] = [None] * len(requests)
         todo: dict[bytes, list[int]] = {}
         jobs: list[tuple[int, bytes | None]] = []  # (first request index, key) to compute
+        missed: dict[int, RequestKey] = {}  # the keys of the requests to compute
+        resolved: dict[Any, bytes] = {}  # the call's (callable, document) digests
+        hits = bypassed = 0
         with _GcPaused():
-            keys = self.keys.keys(method, requests)
-            found = self.lookup(keys) if self.mode != "refresh" else {}
-            hits = bypassed = 0
-            for i, rk in enumerate(keys):
-                key = rk.key
-                if key is None:
-                    jobs.append((i, None))
-                    bypassed += 1
-                elif key in found:
-                    results[i] = found[key]
-                    hits += 1
-                elif key in todo:
-                    todo[key].append(i)
-                else:
-                    todo[key] = [i]
-                    jobs.append((i, key))
+            # Keyed and looked up a chunk at a time: a hit's key (with its ~prompt-sized
+            # material) is dropped as soon as it is answered, so a call of 10,000 hits holds
+            # no more than a chunk of keys at once.
+            for start in range(0, len(requests), _KEY_CHUNK):
+                keys = self.keys.keys(method, requests[start : start + _KEY_CHUNK], resolved=resolved)
+                found = self.lookup(keys) if self.mode != "refresh" else {}
+                for i, rk in enumerate(keys, start):
+                    key = rk.key
+                    if key is None:
+                        jobs.append((i, None))
+                        missed[i] = rk
+                        bypassed += 1
+                    elif key in found:
+                        results[i] = found[key]
+                        hits += 1
+                    elif key in todo:
+                        todo[key].append(i)
+                    else:
+                        todo[key] = [i]
+                        jobs.append((i, key))
+                        missed[i] = rk
+                self.record_hits(keys, found)
+                del keys, found
             stats.hits += hits
             stats.bypassed += bypassed
-            self.record_hits(keys, found)
-            # Only the misses' keys are needed from here on: the hits' are freed while the
-            # collector is paused, so it never has to walk them.
-            missed = {i: keys[i] for i, _ in jobs}
-            del keys, found
         if jobs and self.on_miss == "error":
             stats.refused += len(jobs)
             raise CacheMissError(method, [missed[i] for i, _ in jobs], [requests[i] for i, _ in jobs])
