@@ -303,6 +303,8 @@ def run_scale(spec: dict[str, Any], loaded: workloads.Loaded, reqs: list[Any]) -
         lv["open_first_call_ms"] = statistics.median(o["first_call_ms"] for o in opens)
         lv["open_ms"] = statistics.median(o["construct_ms"] + o["first_call_ms"] for o in opens)
         lv["open_bulk_first_call_ms"] = statistics.median(o["bulk_first_call_ms"] for o in opens)
+        lv["bulk_rss_growth_mb"] = statistics.median(o["bulk_rss_growth_mb"] for o in opens)
+        lv["responses_mb"] = statistics.median(o["responses_mb"] for o in opens)
         out["levels"].append(lv)
         print(f"  scale {system} {lv['entries']:>9,} entries: bulk hit {lv['hit_bulk']['median_us']:.1f} µs, "
               f"open {lv['open_ms']:.1f} ms", file=sys.stderr, flush=True)  # fmt: skip
@@ -320,11 +322,20 @@ def run_open(spec: dict[str, Any], loaded: workloads.Loaded, reqs: list[Any]) ->
     t1 = time.perf_counter_ns()
     lm.generate_until(reqs[:1])
     t2 = time.perf_counter_ns()
-    lm.generate_until(reqs)
+    # Memory of a call of N hits in a fresh process (no earlier call has grown the heap):
+    # the peak over the resident set just before, against the size of the responses.
+    gc.collect()
+    reset_peak_rss()
+    before = rss_mb()
     t3 = time.perf_counter_ns()
+    out = lm.generate_until(reqs)
+    t4 = time.perf_counter_ns()
+    growth = peak_rss_mb() - before
+    responses = sum(sys.getsizeof(r) for r in out) / 2**20
     assert model.clock.requests == 0, "the open test must hit"
     lm.cache_close()
-    return {"construct_ms": (t1 - t0) / 1e6, "first_call_ms": (t2 - t1) / 1e6, "bulk_first_call_ms": (t3 - t2) / 1e6}
+    return {"construct_ms": (t1 - t0) / 1e6, "first_call_ms": (t2 - t1) / 1e6, "bulk_first_call_ms": (t4 - t3) / 1e6,
+            "bulk_rss_growth_mb": growth, "responses_mb": responses}  # fmt: skip
 
 
 def main() -> None:

@@ -130,7 +130,18 @@ def targets(workloads: dict[str, Any], scale: dict[str, Any]) -> list[tuple[str,
             out.append((f"hit at {top or 0:,} entries within 1.5x of {levels[0] if levels else 0:,} ({label}, {calls})",
                         "—" if a is None or b is None else f"{b / a:.2f}x ({us(a)} → {us(b)})",
                         status(None if a is None or b is None else b / a <= 1.5)))  # fmt: skip
+    for system, label in (("lmms-cache", "lmms-eval layout"), ("lmms-cache/lm-eval", "lm-eval layout")):
+        lv = level(system, top) if top else None
+        g, r = get(lv, "bulk_rss_growth_mb"), get(lv, "responses_mb")
+        out.append((f"a call of N hits raises peak RSS by ≤ the responses + a few (8) MB ({label}, fresh process)",
+                    "—" if g is None or r is None else f"+{g:.1f} MB (responses {r:.1f} MB)",
+                    status(None if g is None or r is None else g <= r + 8)))  # fmt: skip
     return out
+
+
+def rss_growth(lv: dict[str, Any]) -> str:
+    g, r = lv.get("bulk_rss_growth_mb"), lv.get("responses_mb")
+    return "—" if g is None or r is None else f"+{g:.1f} MB ({r:.1f} MB)"
 
 
 def table(workloads: dict[str, Any], scale: dict[str, Any], meta: dict[str, Any]) -> str:
@@ -201,18 +212,18 @@ def table(workloads: dict[str, Any], scale: dict[str, Any], meta: dict[str, Any]
         req = scale["rows"][0].get("requests")
         n = f"{req:,}" if isinstance(req, int) else "N"
         lines.append(f"| layout | entries | hit, calls of {n} | hit, calls of 1 (median / p99) | open (cached() + "
-                     f"first call) | first call of {n} after open | size on disk | build |")
-        lines.append("|---|--:|--:|--:|--:|--:|--:|--:|")
+                     f"first call) | first call of {n} after open | its RSS growth (responses) | size on disk | build |")
+        lines.append("|---|--:|--:|--:|--:|--:|--:|--:|--:|")
         for row in scale["rows"]:
             if "error" in row:
-                lines.append(f"| {row['system']} | error: {row['error']} | | | | | | |")
+                lines.append(f"| {row['system']} | error: {row['error']} | | | | | | | |")
                 continue
             for lv in row["levels"]:
                 lines.append(
                     f"| {row['system']} | {lv['entries']:,} | {us(lv['hit_bulk']['median_us'])} | "
                     f"{us(lv['hit_ones']['median_us'])} / {us(lv['hit_ones']['p99_us'])} | "
                     f"{lv['open_construct_ms']:.1f} + {lv['open_first_call_ms']:.1f} ms | "
-                    f"{lv['open_bulk_first_call_ms']:.0f} ms | {lv['db_bytes'] / 2**20:,.0f} MiB | "
+                    f"{lv['open_bulk_first_call_ms']:.0f} ms | {rss_growth(lv)} | {lv['db_bytes'] / 2**20:,.0f} MiB | "
                     f"{lv['build_s']:.1f} s |"
                 )
     t = targets(workloads, scale)
