@@ -426,9 +426,9 @@ def _update_with_pixels(h: Any, img: Any) -> None:
     """Feed ``img.tobytes()`` to ``h`` without building it: the raw encoder's chunks go to
     the hash one by one, as ``tobytes`` produces them before joining them.
 
-    The bytes are the same (a golden test pins it). A 1024x1024 RGB image would otherwise
-    be a 3 MB temporary per image, which the allocator maps and unmaps each time: that
-    costs more than the hashing (~4 ms against ~0.4 ms, measured in benchmarks/breakdown.py).
+    The bytes are the same (a test compares the digest with that of ``tobytes()``). A
+    1024x1024 RGB image would otherwise be a 3 MB temporary per image, which the allocator
+    maps and unmaps each time: that costs more than the hashing (~4 ms against ~0.4 ms).
     """
     from PIL import Image
 

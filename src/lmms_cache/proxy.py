@@ -390,8 +390,9 @@ class _Cache:
             self.identity.json(),
         )
         files = FileDigests(lookup=self.file_lookup, remember=self.file_remember)
-        self.keys = KeyBuilder(self.identity, model, Encoder(files),
-                                     sampling=options["sampling"], warn=self.warn)  # fmt: skip
+        self.keys = KeyBuilder(
+            self.identity, model, Encoder(files), sampling=options["sampling"], warn=self.warn
+        )
         if self.mode not in ("off", "readonly"):
             self.guard(
                 lambda: self.store.remember_model(self.identity.digest, self.identity.json()),
@@ -404,8 +405,7 @@ class _Cache:
         keys = self.keys.keys(method, requests, count=False)
         wanted = [rk.key for rk in keys if rk.key is not None]
         fresh = None if self.max_age is None else time.time() - self.max_age
-        stored = self.guard(lambda: self.store.get_many(wanted, created_after=fresh),
-                                  "reading the cache", {})  # fmt: skip
+        stored = self.guard(lambda: self.store.get_many(wanted, created_after=fresh), "reading the cache", {})
         out = []
         for rk in keys:
             if rk.key is None:
@@ -413,12 +413,13 @@ class _Cache:
             elif rk.key in stored:
                 out.append("hit")
             else:
-                out.append("miss: " + self.why(method, rk, describe(rk)[0]))
+                out.append("miss: " + self.why(method, rk, describe(rk)))
         return out
 
-    def why(self, method: str, rk: RequestKey, description: str) -> str:
+    def why(self, method: str, rk: RequestKey, described: tuple[str, str | None]) -> str:
+        """What differs between a missed request (``describe(rk)``) and the nearest stored entry."""
+        description, prompt = described
         rv = rk.view
-        prompt = describe(rk)[1]
         candidates = self.guard(lambda: self.store.similar(
             method, task=None if rv is None or rv.task is None else str(rv.task),
             doc_id=None if rv is None or rv.doc_id is None else str(rv.doc_id), prompt=prompt,
@@ -431,8 +432,9 @@ class _Cache:
 
     # -- one call ---------------------------------------------------------------------------
 
-    def run(self, method: str, requests: Sequence[Any], args: tuple[Any, ...],
-                  kwargs: dict[str, Any]) -> list[Any]:  # fmt: skip
+    def run(
+        self, method: str, requests: Sequence[Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> list[Any]:
         model_method = getattr(self.model, method)
         if self.mode == "off":
             return model_method(requests, *args, **kwargs)  # type: ignore[no-any-return]
@@ -493,7 +495,7 @@ class _Cache:
                         "lmms-cache %s miss %s: %s",
                         method,
                         key.hex()[:12],
-                        self.why(method, missed[i], described[key][0]),
+                        self.why(method, missed[i], described[key]),
                     )
         written, failures, model_seconds = self.compute(
             method, model_method, requests, missed, jobs, todo, results, args, kwargs, described

@@ -93,7 +93,7 @@ def _args(request: Any) -> tuple[Any, ...]:
             f"a request must have an .args tuple (an lmms-eval or lm-eval Instance), "
             f"not {type(request).__name__}"
         )
-    return args if type(args) is tuple or isinstance(args, tuple) else (args,)
+    return args if isinstance(args, tuple) else (args,)
 
 
 def _metadata(request: Any) -> tuple[Any, Any, Any, int]:
@@ -134,11 +134,10 @@ _new = tuple.__new__
 def view(method: str, request: Any) -> RequestView:
     """Name the roles of a request's arguments (see the module notes)."""
     args = _args(request)
+    task, split, doc_id, repeats = _metadata(request)
     n = len(args)
     if n < 6 or not isinstance(args[-1], str) or not isinstance(args[-2], str) or not _is_doc_id(args[-3]):
-        task, split, doc_id, repeats = _metadata(request)
         return _generic(args, repeats, task, split, doc_id)
-    repeats = _metadata(request)[3]
     if n == 6 and method == "generate_until" and _is_mapping(args[1]) and _fn_or_none(args[2]):
         parts = [_new(Part, ("context", args[0], VALUE)), _new(Part, ("gen_kwargs", args[1], VALUE)),
                  _new(Part, ("visual", args[2], RESOLVE))]  # fmt: skip
@@ -172,7 +171,6 @@ def view(method: str, request: Any) -> RequestView:
                  _new(Part, ("visual", args[2], RESOLVE))]  # fmt: skip
         gen = None
     else:
-        task, split, doc_id, repeats = _metadata(request)
         return _generic(args, repeats, task, split, doc_id)
     return RequestView(parts, args[-2], args[-1], args[-3], gen, repeats, True)
 
