@@ -245,7 +245,7 @@ def test_the_api_key_is_used_but_never_stored_nor_logged(runs):
     assert len(models) == 2  # one per layout: the classes differ
     for _, description in models:
         assert API_KEY not in description and "fake-gpt-1" in description
-        assert json.loads(description)["clients"] == [runs["base_url"]]
+        assert json.loads(description)["client/client"] == runs["base_url"]
     assert len(rows) == 2 * N_DOCS
     value_at = columns.index("value")
     for row in rows:  # every column, values decoded (they are compressed on disk)
@@ -270,8 +270,8 @@ def test_derived_identity_is_model_version_and_endpoint_never_the_key(layout):
         return identify(build_model(layout, kw.pop("base_url", url), **kw))
 
     base = ident()
-    assert base.description["settings"]["model_version"] == "gpt-4o"
-    assert base.description["clients"] == [url]
+    assert base.description["settings/model_version"] == "gpt-4o"
+    assert base.description["client/client"] == url
     assert base.label == "OpenAICompatible(gpt-4o)"
     assert API_KEY not in base.json()
     # what changes the answers changes the identity

@@ -26,16 +26,16 @@ from lmms_cache.identity import identify
 from lmms_cache.key import KEY_SCHEMA, KeyBuilder
 
 GOLDEN = {
-    "schema": "lmms-cache/key/1",
-    "identity": "a355f30b878c6d5393bff1311338c7cb",
+    "schema": "lmms-cache/key/2",
+    "identity": "629ee5216b7542f49700d29104b5c253",
     "value": "c6c88ba3f912a675d03e7d2ec4ad5226",
-    "text": "fdf5c7cbbc25fd6c8feb8036e364cfc5",
-    "gen_kwargs": "4cf56bf3584aa82cdd5dabc95a67cba3",
-    "image": "70655fa4f4ce7de0652052d82bc992b9",
-    "numpy": "6581a7862b562c05456b53c6f2247137",
-    "loglikelihood": "c2f4048e2f7a305be6373d10adf744fe",
-    "sampled_2nd": "76eb1f94719fc1e06f908b8b086b9a42",
-    "lm_eval_tuple": "b58edab206b87df0c78aac55170713af",
+    "text": "275b4f55251e2cfea5e134307c0197a6",
+    "gen_kwargs": "8dca525dc0b1ae35d4df313eda44d85a",
+    "image": "66490dffebe907995fd5493e7ff35f2a",
+    "numpy": "dfedcb4d4393e2d832daf5ca4e9ace25",
+    "loglikelihood": "b108f62d3935e291c418ab82edb1b3f2",
+    "sampled_2nd": "1dac820cfad8df8a51b8a8c7d68ebe1a",
+    "lm_eval_tuple": "401ff552f550dc30e545a4123bd9258a",
 }
 
 

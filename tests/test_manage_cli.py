@@ -93,7 +93,7 @@ def digests(cache: Path) -> dict[str, str]:
     """pretrained name -> model identity digest."""
     with db(cache) as conn:
         models = conn.execute("SELECT digest, description FROM models").fetchall()
-    return {json.loads(d)["settings"]["pretrained"]: digest for digest, d in models}
+    return {json.loads(d)["settings/pretrained"]: digest for digest, d in models}
 
 
 def keys_where(cache: Path, **match: Any) -> set[str]:

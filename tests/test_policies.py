@@ -113,7 +113,8 @@ def test_explain_names_a_changed_model_and_does_not_use_up_samples(tmp_path):
     cached(model(), tmp_path).generate_until([gen_request(0)])
     other = FakeModel(pretrained="another/checkpoint")
     other.task_dict = task_dict(8)
-    assert explain(cached(other, tmp_path), [gen_request(0)]) == ["miss: model identity changed"]
+    assert explain(cached(other, tmp_path), [gen_request(0)]) == [
+        "miss: settings/pretrained: 'fake/tiny-vlm' → 'another/checkpoint'"]
     def sampled():  # a fresh request each time: the model adds defaults to gen_kwargs in place
         return gen_request(3, gen_kwargs={"do_sample": True, "temperature": 0.7}, repeats=2)
 

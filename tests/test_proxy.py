@@ -429,15 +429,25 @@ def test_readonly_without_a_cache_runs_uncached_with_one_warning(tmp_path, caplo
     assert not where.exists()
 
 
-def test_refresh_recomputes_and_overwrites(tmp_path):
-    cached(Scripted(answer=lambda r: "old"), tmp_path).generate_until([lm_req("a"), lm_req("b")])
-    model = Scripted(answer=lambda r: "new")
+_ANSWER = {"text": "old"}
+
+
+def _current_answer(request: Any) -> str:
+    return _ANSWER["text"]  # a global: what the model answers changes behind the cache's back
+
+
+def test_refresh_recomputes_and_overwrites(tmp_path, monkeypatch):
+    monkeypatch.setitem(_ANSWER, "text", "old")
+    cached(Scripted(answer=_current_answer), tmp_path).generate_until([lm_req("a"), lm_req("b")])
+    _ANSWER["text"] = "new"
+    model = Scripted(answer=_current_answer)
     assert cached(model, tmp_path, mode="refresh").generate_until([lm_req("a"), lm_req("b")]) == [
         "new",
         "new",
     ]
     assert model.log.batches == [["a", "b"]]
-    later = Scripted(answer=lambda r: "never asked")
+    _ANSWER["text"] = "never asked"
+    later = Scripted(answer=_current_answer)
     assert cached(later, tmp_path).generate_until([lm_req("a"), lm_req("b")]) == ["new", "new"]
     assert later.log.batches == []
     assert entry_count(tmp_path) == 2

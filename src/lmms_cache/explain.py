@@ -10,7 +10,7 @@ the one with the fewest differences explains it: ``gen_kwargs.max_new_tokens: 16
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import xxhash
@@ -89,7 +89,7 @@ def differences(new: Mapping[str, Any], old: Mapping[str, Any]) -> list[str]:
         if a == b or name in settings_changed:  # a mapping is named by the settings that changed
             continue
         if name == "model":
-            out.append("model identity changed")
+            out.append(_MODEL_CHANGED)
         elif name == "occurrence":
             out.append(f"sample #{int(b) + 1 if b is not None else '?'} is not stored yet" if b is not None
                        else "sampled then, deterministic now")  # fmt: skip
@@ -104,19 +104,33 @@ def differences(new: Mapping[str, Any], old: Mapping[str, Any]) -> list[str]:
     return out
 
 
-def explain_against(description: str, candidates: Iterable[Entry]) -> str:
-    """One line: why a request described by ``description`` matches none of ``candidates``."""
+def explain_against(description: str, candidates: Iterable[Entry],
+                    model_change: Callable[[str], list[str] | None] | None = None) -> str:  # fmt: skip
+    """One line: why a request described by ``description`` matches none of ``candidates``.
+
+    ``model_change(digest)`` names what differs between the model identity ``digest`` of a
+    stored entry and the model now (``model code changed: x.py``), when it can.
+    """
     new = json.loads(description)
     best: list[str] | None = None
+    best_entry: Entry | None = None
     for entry in candidates:
         if not entry.components:
             continue
         diffs = differences(new, json.loads(entry.components))
         if best is None or len(diffs) < len(best):
-            best = diffs
+            best, best_entry = diffs, entry
     if best is None:
         return "nothing stored for this document or prompt"
+    if model_change is not None and best_entry is not None and _MODEL_CHANGED in best:
+        named = model_change(best_entry.model)
+        if named:
+            at = best.index(_MODEL_CHANGED)
+            best[at : at + 1] = named
     return "; ".join(best) if best else "an entry with identical components exists (another key schema?)"
+
+
+_MODEL_CHANGED = "model identity changed"
 
 
 def _short(value: Any) -> str:

@@ -41,7 +41,7 @@ __all__ = ["KEY_SCHEMA", "KeyBuilder", "RequestKey", "is_sampling"]
 
 log = logging.getLogger("lmms_cache")
 
-KEY_SCHEMA = b"lmms-cache/key/1"
+KEY_SCHEMA = b"lmms-cache/key/2"
 
 
 class RequestKey(NamedTuple):
@@ -101,13 +101,17 @@ class KeyBuilder:
         sampling: bool | None = None,
         warn: Callable[[str, str], None] | None = None,
     ) -> None:
-        self._prefix = KEY_SCHEMA + b"\0" + bytes.fromhex(identity.digest) + b"\0"
+        self.set_identity(identity)
         self._resolver = Resolver(model)
         self._encoder = encoder
         self._sampling = sampling
         self._warn_to = warn or (lambda kind, message: log.warning(message))
         self._warned: set[str] = set()
         self._occurrences: dict[bytes, int] = {}
+
+    def set_identity(self, identity: ModelIdentity) -> None:
+        """Key the next requests under ``identity`` (the model changed between calls)."""
+        self._prefix = KEY_SCHEMA + b"\0" + bytes.fromhex(identity.digest) + b"\0"
 
     def _warn(self, kind: str, message: str) -> None:
         if kind not in self._warned:

@@ -59,7 +59,9 @@ def label(store: Store) -> Callable[[str], str]:
             d = json.loads(description)
         except ValueError:
             d = {}
-        if "model_id" in d:
+        if isinstance(d.get("label"), str):
+            names[digest] = d["label"]
+        elif "model_id" in d:
             names[digest] = str(d["model_id"])
         else:
             cls = str(d.get("class", "?")).rsplit(".", 1)[-1]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import gc
+import json
 import logging
 import math
 import os
@@ -24,7 +25,7 @@ import sys
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import wrapt
@@ -32,7 +33,8 @@ import wrapt
 from . import codec
 from .explain import describe, explain_against
 from .fingerprint import Encoder, FileDigests
-from .identity import ModelIdentity, identify
+from .identity import ModelIdentity, Tracker
+from .identity import differences as identity_differences
 from .key import KeyBuilder, RequestKey
 from .store import Entry, NullStore, Store, StoreError, default_location, open_store
 from .units import parse_duration, parse_size
@@ -150,6 +152,7 @@ def cached(
     path: str | os.PathLike[str] | None = None,
     *,
     model_id: str | None = None,
+    settings: Sequence[str] = (),
     batch_size: int | None = None,
     mode: str | None = None,
     is_failure: Callable[[Any], bool] | None = None,
@@ -168,9 +171,11 @@ def cached(
         model: an lmms-eval or lm-eval model (anything with one of :data:`METHODS`).
         path: the cache directory; default ``$LMMS_CACHE_DIR``, else the per-user cache
             directory (``~/.cache/lmms-cache`` on Linux).
-        model_id: names the model in the key, replacing the identity derived from its
-            class and settings. Use it for API models and whenever the derived identity
-            is not what makes outputs differ.
+        model_id: names *which model* it is, replacing what the identity derives from the
+            class, its code, its checkpoint, tokenizer and endpoint. Its settings still
+            count (a prompt sweep with a model_id misses as it should).
+        settings: more attribute names that change the model's answers, for a setting
+            the model stores under a name its constructor does not take.
         batch_size: misses per model call and per durable write (default
             :data:`DEFAULT_BATCH_SIZE`). Smaller loses less on a crash; larger keeps models
             that batch or run requests concurrently inside one call efficient.
@@ -205,7 +210,9 @@ def cached(
 
     Raises:
         TypeError: ``model`` has none of the request methods.
-        ValueError: an unknown ``mode`` or ``on_miss``, or a ``batch_size`` below 1.
+        ValueError: an unknown ``mode`` or ``on_miss``, a ``batch_size`` below 1, an empty
+            ``model_id``, a bad size or duration; every option is checked before the
+            cache directory is touched.
 
     Example:
         >>> class Echo:
@@ -229,28 +236,81 @@ def cached(
             f"{type(model).__name__} has none of the request methods {', '.join(METHODS)}; "
             "cached() wraps lmms-eval / lm-eval models"
         )
-    mode = mode if mode is not None else os.environ.get("LMMS_CACHE_MODE") or "readwrite"
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
-    if batch_size is None:
-        batch_size = DEFAULT_BATCH_SIZE
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer of at least 1, not {batch_size!r}")
-    if is_failure is not None and not callable(is_failure):
-        raise TypeError(f"is_failure must be callable, not {is_failure!r}")
-    max_bytes = parse_size(max_size) if max_size is not None else None
-    max_age = parse_duration(expire_after) if expire_after is not None else None
-    if on_miss not in ("compute", "error"):
-        raise ValueError(f"on_miss must be 'compute' or 'error', not {on_miss!r}")
-    if sampling not in (None, True, False):
-        raise ValueError(f"sampling must be True, False or None, not {sampling!r}")
-    options = {
-        "path": os.fspath(path) if path is not None else None, "model_id": model_id,
-        "batch_size": batch_size, "mode": mode, "is_failure": is_failure, "sampling": sampling,
-        "progress": progress, "durable": durable, "lockstep": lockstep, "on_miss": on_miss,
-        "max_size": max_bytes, "expire_after": max_age, "trust": trust,
-    }  # fmt: skip
+    options = Options.make(
+        path=path, model_id=model_id, settings=settings, batch_size=batch_size, mode=mode,
+        is_failure=is_failure, sampling=sampling, progress=progress, durable=durable,
+        lockstep=lockstep, on_miss=on_miss, max_size=max_size, expire_after=expire_after, trust=trust,
+    )  # fmt: skip
     return _proxy_class(type(model), methods)(model, options)
+
+
+@dataclass(frozen=True)
+class Options:
+    """The options of one proxy, checked once (:meth:`make`) before anything touches the disk."""
+
+    path: str | None = None
+    model_id: str | None = None
+    settings: tuple[str, ...] = ()
+    batch_size: int = DEFAULT_BATCH_SIZE
+    mode: str = "readwrite"
+    is_failure: Callable[[Any], bool] | None = None
+    sampling: bool | None = None
+    progress: bool | None = None
+    durable: bool = True
+    lockstep: bool | Callable[[int], int] = False
+    on_miss: str = "compute"
+    max_size: int | None = None  # bytes
+    expire_after: float | None = None  # seconds
+    trust: bool = False
+    identity: ModelIdentity | None = field(default=None, compare=False)  # fixed (lmms-cache eval)
+
+    @classmethod
+    def make(cls, *, path: str | os.PathLike[str] | None = None, model_id: str | None = None,
+             settings: Sequence[str] = (), batch_size: int | None = None, mode: str | None = None,
+             is_failure: Callable[[Any], bool] | None = None, sampling: bool | None = None,
+             progress: bool | None = None, durable: bool = True,
+             lockstep: bool | Callable[[int], int] = False, on_miss: str = "compute",
+             max_size: str | int | None = None,
+             expire_after: str | float | datetime.timedelta | None = None, trust: bool = False,
+             identity: ModelIdentity | None = None) -> Options:  # fmt: skip
+        """Validated options.
+
+        Raises:
+            ValueError, TypeError: naming the bad value.
+        """
+        if mode is None:
+            env = os.environ.get("LMMS_CACHE_MODE")
+            if env and env not in MODES:
+                raise ValueError(f"$LMMS_CACHE_MODE must be one of {', '.join(MODES)}, not {env!r}")
+            mode = env or "readwrite"
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+        if batch_size is None:
+            batch_size = DEFAULT_BATCH_SIZE
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer of at least 1, not {batch_size!r}")
+        if model_id is not None and (not isinstance(model_id, str) or not model_id):
+            raise ValueError(f"model_id must be a non-empty string, not {model_id!r}")
+        if isinstance(settings, str) or not all(isinstance(s, str) and s for s in settings):
+            raise ValueError(f"settings must be a list of attribute names, not {settings!r}")
+        if is_failure is not None and not callable(is_failure):
+            raise TypeError(f"is_failure must be callable, not {is_failure!r}")
+        if on_miss not in ("compute", "error"):
+            raise ValueError(f"on_miss must be 'compute' or 'error', not {on_miss!r}")
+        if sampling not in (None, True, False):
+            raise ValueError(f"sampling must be True, False or None, not {sampling!r}")
+        if not (isinstance(lockstep, bool) or callable(lockstep)):
+            raise TypeError(f"lockstep must be True, False or a callable, not {lockstep!r}")
+        if path is not None and not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a directory path, not {path!r}")
+        return cls(
+            path=os.fspath(path) if path is not None else None, model_id=model_id,
+            settings=tuple(settings), batch_size=batch_size, mode=mode, is_failure=is_failure,
+            sampling=sampling, progress=progress, durable=bool(durable), lockstep=lockstep,
+            on_miss=on_miss, max_size=parse_size(max_size) if max_size is not None else None,
+            expire_after=parse_duration(expire_after) if expire_after is not None else None,
+            trust=bool(trust), identity=identity,
+        )  # fmt: skip
 
 
 _classes: dict[tuple[type, tuple[str, ...]], type] = {}
@@ -283,14 +343,15 @@ def _interceptor(method: str) -> Callable[..., Any]:
     return intercept
 
 
-def _rebuild(model: Any, options: dict[str, Any], identity: ModelIdentity) -> CachedModel:
-    """A proxy like the pickled (or copied) one, with the same identity.
+def _rebuild(model: Any, options: Options, state: Any) -> CachedModel:
+    """A proxy like the pickled (or copied) one, keying as it did.
 
-    The identity is carried over rather than derived again: the model's state changes as
-    it runs, and a copy made mid-run must still find the entries its original wrote.
+    The keyed identity is carried over rather than derived again: the model changes
+    itself as it runs, and a copy made mid-run must still find the entries its original
+    wrote.
     """
     methods = tuple(m for m in METHODS if callable(getattr(model, m, None)))
-    return _proxy_class(type(model), methods)(model, options, identity)
+    return _proxy_class(type(model), methods)(model, options, state)
 
 
 class CachedModel(wrapt.ObjectProxy):  # type: ignore[type-arg]
@@ -301,9 +362,9 @@ class CachedModel(wrapt.ObjectProxy):  # type: ignore[type-arg]
     through the proxy, so the work happens on the plain object).
     """
 
-    def __init__(self, model: Any, options: dict[str, Any], identity: ModelIdentity | None = None) -> None:
+    def __init__(self, model: Any, options: Options, state: Any = None) -> None:
         super().__init__(model)
-        self._self_cache = cache = _Cache(model, options, identity)
+        self._self_cache = cache = _Cache(model, options, state)
         if cache.mode not in ("off", "readonly"):
             # Hit counts gathered since the last flush are written when the proxy goes away.
             weakref.finalize(self, _flush_touched, cache.store, cache.touched)
@@ -317,8 +378,17 @@ class CachedModel(wrapt.ObjectProxy):  # type: ignore[type-arg]
 
     @property
     def cache_identity(self) -> ModelIdentity:
-        """The model identity that is part of every key."""
-        return self._self_cache.identity
+        """The model identity that is part of every key (as of the last call)."""
+        return self._self_cache.tracker.identity
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # An attribute assigned through the proxy is a setting from now on (a prompt sweep:
+        # ``lm.system_prompt = p``), whether or not the constructor takes it.
+        super().__setattr__(name, value)
+        if not name.startswith("_self_"):
+            cache = getattr(self, "_self_cache", None)  # (a proxy's __dict__ is the model's)
+            if cache is not None:
+                cache.tracker.note_set(name)
 
     @property
     def cache_store(self) -> Store:
@@ -340,16 +410,16 @@ class CachedModel(wrapt.ObjectProxy):  # type: ignore[type-arg]
         self._self_cache.close()
 
     def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
-        return _rebuild, (self.__wrapped__, self._self_cache.options, self._self_cache.identity)
+        return _rebuild, (self.__wrapped__, self._self_cache.options, self._self_cache.tracker.state())
 
     def __copy__(self) -> CachedModel:
-        return _rebuild(self.__wrapped__, self._self_cache.options, self._self_cache.identity)
+        return _rebuild(self.__wrapped__, self._self_cache.options, self._self_cache.tracker.state())
 
     def __deepcopy__(self, memo: dict[int, Any]) -> CachedModel:
         import copy
 
         cache = self._self_cache
-        return _rebuild(copy.deepcopy(self.__wrapped__, memo), cache.options, cache.identity)
+        return _rebuild(copy.deepcopy(self.__wrapped__, memo), cache.options, cache.tracker.state())
 
     def __repr__(self) -> str:
         cache = self._self_cache
@@ -360,17 +430,17 @@ class _Cache:
     """The cache behind one proxy: its options, key builder, store and counters, and the
     handling of each call (:meth:`run`)."""
 
-    def __init__(self, model: Any, options: dict[str, Any], identity: ModelIdentity | None) -> None:
+    def __init__(self, model: Any, options: Options, state: Any) -> None:
         self.model = model
         self.options = options
-        self.mode = options["mode"]
-        self.batch_size = options["batch_size"]
-        self.is_failure = options["is_failure"] or default_is_failure
-        self.progress = options["progress"]
-        self.lockstep = options["lockstep"]
-        self.on_miss = options["on_miss"]
-        self.max_size = options.get("max_size")
-        self.max_age = options.get("expire_after")
+        self.mode = options.mode
+        self.batch_size = options.batch_size
+        self.is_failure = options.is_failure or default_is_failure
+        self.progress = options.progress
+        self.lockstep = options.lockstep
+        self.on_miss = options.on_miss
+        self.max_size = options.max_size
+        self.max_age = options.expire_after
         # Hits are recorded (counts, last use) in batches, not with a write per call.
         self.touched: dict[bytes, int] = {}
         self.touched_at = time.monotonic()
@@ -378,30 +448,46 @@ class _Cache:
         self.warned: set[str] = set()
         self.pending: list[Entry] = []
         self.new_files: list[tuple[str, tuple[int, ...], bytes]] = []
-        location = options["path"] if options["path"] is not None else default_location()
+        self.remembered: set[str] = set()  # model identities recorded in the store
+        location = options.path if options.path is not None else default_location()
         self.location = os.path.abspath(os.path.expanduser(location))
-        self.store = self.open(options["durable"])
-        self.identity = identity if identity is not None else identify(model, options["model_id"])
-        log.info(
-            "lmms-cache: %s at %s, model identity %s = %s",
-            self.mode,
-            self.location,
-            self.identity.digest[:12],
-            self.identity.json(),
-        )
+        self.store = self.open(options.durable)
         files = FileDigests(lookup=self.file_lookup, remember=self.file_remember)
-        self.keys = KeyBuilder(
-            self.identity, model, Encoder(files), sampling=options["sampling"], warn=self.warn
-        )
-        if self.mode not in ("off", "readonly"):
-            self.guard(
-                lambda: self.store.remember_model(self.identity.digest, self.identity.json()),
-                "recording the model",
-            )
+        self.tracker = Tracker(model, model_id=options.model_id, settings=options.settings, files=files,
+                               fixed=options.identity)  # fmt: skip
+        if state is not None:
+            self.tracker.adopt(*state)
+        identity = self.tracker.identity
+        log.info("lmms-cache: %s at %s, model %s (identity %s)", self.mode, self.location, identity.label,
+                 identity.digest[:12])  # fmt: skip
+        log.debug("lmms-cache: model identity %s = %s", identity.digest, identity.json())
+        self.keys = KeyBuilder(identity, model, Encoder(files), sampling=options.sampling, warn=self.warn)
+        self.remember_model(identity)
+
+    @property
+    def identity(self) -> ModelIdentity:
+        return self.tracker.identity
+
+    def remember_model(self, identity: ModelIdentity) -> None:
+        if self.mode in ("off", "readonly") or identity.digest in self.remembered:
+            return
+        self.remembered.add(identity.digest)
+        self.guard(lambda: self.store.remember_model(identity.digest, identity.json()), "recording the model")
+
+    def check_identity(self) -> None:
+        """Once per call, before keying: has the user changed the model since the last call?"""
+        changes = self.tracker.refresh()
+        if changes:
+            identity = self.tracker.identity
+            log.info("lmms-cache: the model changed since the last call (%s); its requests are now keyed "
+                     "under identity %s", "; ".join(changes), identity.digest[:12])  # fmt: skip
+            self.keys.set_identity(identity)
+            self.remember_model(identity)
 
     def explain(self, method: str, requests: Sequence[Any]) -> list[str]:
         """See :meth:`CachedModel.cache_explain`."""
         requests = list(requests)
+        self.check_identity()
         keys = self.keys.keys(method, requests, count=False)
         wanted = [rk.key for rk in keys if rk.key is not None]
         fresh = None if self.max_age is None else time.time() - self.max_age
@@ -424,7 +510,18 @@ class _Cache:
             method, task=None if rv is None or rv.task is None else str(rv.task),
             doc_id=None if rv is None or rv.doc_id is None else str(rv.doc_id), prompt=prompt,
         ), "reading the cache", [])  # fmt: skip
-        return explain_against(description, candidates)
+        return explain_against(description, candidates, self.model_change)
+
+    def model_change(self, digest: str) -> list[str] | None:
+        """What differs between the stored model identity ``digest`` and the model now."""
+        descriptions = self.guard(self.store.models, "reading the cache", {})
+        old = descriptions.get(digest)
+        if old is None:
+            return None
+        try:
+            return identity_differences(json.loads(old), self.identity.description) or None
+        except ValueError:
+            return None
 
     def close(self) -> None:
         self.flush()
@@ -439,17 +536,23 @@ class _Cache:
         if self.mode == "off":
             return model_method(requests, *args, **kwargs)  # type: ignore[no-any-return]
         requests = list(requests)
+        self.check_identity()
         if not requests:
-            if self.lockstep:
-                # The other ranks agree on a count and may call the model: join the
-                # agreement (a collective) and step with them, with nothing to ask.
-                for _ in range(self.padding(0)):
-                    model_method(requests, *args, **kwargs)
-                return []
-            return model_method(requests, *args, **kwargs)  # type: ignore[no-any-return]
+            try:
+                if self.lockstep:
+                    # The other ranks agree on a count and may call the model: join the
+                    # agreement (a collective) and step with them, with nothing to ask.
+                    for _ in range(self.padding(0)):
+                        model_method(requests, *args, **kwargs)
+                    return []
+                return model_method(requests, *args, **kwargs)  # type: ignore[no-any-return]
+            finally:
+                self.tracker.settle()
         stats = self.stats
         stats.calls += 1
         stats.requests += len(requests)
+        if self.tracker.weights_changed:
+            return self.run_modified(method, model_method, requests, args, kwargs)
         results: list[Any] = [None] * len(requests)
         todo: dict[bytes, list[int]] = {}
         jobs: list[tuple[int, bytes | None]] = []  # (first request index, key) to compute
@@ -497,9 +600,13 @@ class _Cache:
                         key.hex()[:12],
                         self.why(method, missed[i], described[key]),
                     )
-        written, failures, model_seconds = self.compute(
-            method, model_method, requests, missed, jobs, todo, results, args, kwargs, described
-        )
+        try:
+            written, failures, model_seconds = self.compute(
+                method, model_method, requests, missed, jobs, todo, results, args, kwargs, described
+            )
+        finally:
+            if jobs:
+                self.tracker.settle()  # what the model changed in itself is not a new identity
         self.flush_files()
         log.info(
             "lmms-cache %s: %d requests, %d hits, %d misses, %d written, %d not cached, %.2fs in the model",
@@ -511,6 +618,27 @@ class _Cache:
             failures,
             model_seconds,
         )
+        return results
+
+    def run_modified(self, method: str, model_method: Callable[..., Any], requests: list[Any],
+                     args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:  # fmt: skip
+        """A call to a model whose weights changed in memory since it was wrapped: its
+        checkpoint no longer says what it is, so its requests are computed, not stored."""
+        self.warn(
+            "weights-changed",
+            f"lmms-cache: the weights of {self.identity.label} changed in memory since it was "
+            "wrapped (an optimizer step?); its requests now bypass the cache: computed, not "
+            "stored. To cache evaluations during training, wrap the model again with "
+            "cached(model, model_id=f'<run>-step-{step}') at each evaluation.",
+        )
+        self.stats.bypassed += len(requests)
+        started = time.perf_counter()
+        try:
+            results = list(model_method(requests, *args, **kwargs))
+        finally:
+            self.tracker.settle()
+        self.stats.model_calls += 1
+        self.stats.model_seconds += time.perf_counter() - started
         return results
 
     def compute(self, method: str, model_method: Callable[..., Any], requests: list[Any],
@@ -594,7 +722,7 @@ class _Cache:
             return NullStore(self.location, "mode off")
         try:
             return open_store(self.location, readonly=self.mode == "readonly", durable=durable,
-                              trust=self.options.get("trust", False))  # fmt: skip
+                              trust=self.options.trust)  # fmt: skip
         except StoreError as exc:
             self.warn(
                 "open",
