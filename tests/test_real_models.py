@@ -5,14 +5,10 @@ here (tests/tiny_models.py); nothing comes from a hub.
 What a user relies on: the proxy answers exactly what the model answers, and a rerun through
 a new proxy of a new instance of the same checkpoint makes no forward pass at all.
 
-The tests marked ``xfail`` reproduce the wrong hits of issue 9: the model's identity (taken
-when it is wrapped, from its class, plain settings and checkpoint *name*) does not see a
-checkpoint re-saved in place, another tokenizer, weights changed in memory or a setting
-changed on the proxy, so the cache answers with another model's responses. Each asserts the
-right behaviour (a miss, and the answers of the model as it now is); they are strict, so they
-flip to failures (XPASS) when the fix lands and the marker must go. A test's preconditions
-(the two models really answer differently) fail with ``pytest.fail``, which no ``xfail``
-(``raises=AssertionError``) hides.
+The wrong hits of issue 9 are reproduced here: a checkpoint re-saved in place, another
+tokenizer, a config field, weights changed in memory and a setting changed on the proxy
+must each give the answers of the model as it now is. A test's preconditions (the two models
+really answer differently) fail with ``pytest.fail``.
 
 Not here: a dict setting mutated in place on a real class. The only one the constructors take
 is HFLM's ``chat_template_args``, which only ``HFLM.apply_chat_template`` reads: the harness
@@ -51,12 +47,8 @@ TEMPLATE_B = (
 )
 
 
-def issue9(why: str) -> Any:
-    return pytest.mark.xfail(strict=True, raises=AssertionError, reason=f"issue 9: {why}")
-
-
 def require(condition: bool, what: str) -> None:
-    """A precondition: fails the test outright, never as the expected failure of an xfail."""
+    """A precondition of the test (that the two models really answer differently)."""
     if not condition:
         pytest.fail(f"precondition: {what}")
 
@@ -194,10 +186,9 @@ def test_llava_hf_with_the_llava_processor_reruns_generate_until_from_the_cache(
     assert counter.count == 0 and lm.cache_stats.misses == 0
 
 
-# -- issue 9: wrong hits (strict xfails) -------------------------------------------------------
+# -- issue 9: what used to be wrong hits --------------------------------------------------------
 
 
-@issue9("a checkpoint re-saved in place keeps its name_or_path, so its identity does not change")
 def test_a_checkpoint_resaved_in_place_with_other_weights_misses(tmp_path):
     path = tmp_path / "gpt2"
     tm.build_gpt2(path, seed=0)
@@ -214,7 +205,6 @@ def test_a_checkpoint_resaved_in_place_with_other_weights_misses(tmp_path):
     assert lm.cache_stats.misses > 0
 
 
-@issue9("HFLM's tokenizer= is not part of the identity")
 def test_hflm_with_another_tokenizer_misses(tmp_path, gpt2_dir):
     other = tmp_path / "other-tokenizer"
     tokenizer = tm.train_tokenizer(other, corpus=tm.OTHER_CORPUS)
@@ -231,7 +221,6 @@ def test_hflm_with_another_tokenizer_misses(tmp_path, gpt2_dir):
     assert lm.cache_stats.misses > 0
 
 
-@issue9("a config field re-saved in place (vision_feature_layer) is not part of the identity")
 def test_a_llava_checkpoint_resaved_with_another_vision_feature_layer_misses(tmp_path):
     path = tmp_path / "llava"
     tm.build_llava(path, seed=0)
@@ -253,7 +242,6 @@ def test_a_llava_checkpoint_resaved_with_another_vision_feature_layer_misses(tmp
     assert lm.cache_stats.misses > 0
 
 
-@issue9("the identity is taken when the model is wrapped: weights changed in memory are not seen")
 def test_weights_changed_in_memory_between_two_evaluations_on_one_proxy_miss(tmp_path, gpt2_dir):
     import torch
 
@@ -272,12 +260,14 @@ def test_weights_changed_in_memory_between_two_evaluations_on_one_proxy_miss(tmp
     new = tm.run_lm(model)
     require(new != old, "the trained model answers differently")
 
+    written = lm.cache_stats.written
     answers = tm.run_lm(lm)
     assert answers == new
-    assert lm.cache_stats.misses > n_requests(old)
+    # computed, not stored: the checkpoint no longer says what the weights are
+    assert lm.cache_stats.bypassed == n_requests(old)
+    assert lm.cache_stats.written == written
 
 
-@issue9("the identity is taken when the model is wrapped: a setting changed on the proxy is not seen")
 def test_a_chat_template_sweep_on_one_llava_hf_proxy_misses(tmp_path, llava_dir):
     model = llava(llava_dir)
     lm = cached(model, tmp_path)
