@@ -81,7 +81,7 @@ def test_fully_cached_rerun_never_constructs_the_model_and_prints_the_same_table
 def test_clear_cache_makes_the_model_compute_again(cli):
     clear = ok(cli["clear"])
     assert clear.constructions == 2  # the first run's and this one
-    assert f"lmms-cache: cleared {N_REQUESTS} entries of lmms-eval/fake_vlm?" in clear.stderr
+    assert f"lmms-cache: cleared {N_REQUESTS} entries of fake_vlm(fake/vlm-1b)" in clear.stderr
     assert collections.Counter(r["task"] for r in clear.requests()) == \
         collections.Counter(r["task"] for r in cli["first"].requests())  # fmt: skip
     assert clear.table == cli["first"].table

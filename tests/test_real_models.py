@@ -297,3 +297,37 @@ def test_the_tiny_checkpoints_are_reproducible_and_seeded(tmp_path):
     a, b, c = weights(0, "a"), weights(0, "b"), weights(1, "c")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+# -- the eval path: lmms-cache eval builds the model on its first miss ---------------------------
+
+
+def eval_cli(tmp_path: Path, tasks: Path, cache: Path, model_args: str, run: str, *options: str) -> int:
+    """``lmms-cache eval --harness lm-eval`` with lm-eval's real ``hf`` model, in a new process;
+    with ``--on-miss error`` it exits 0 when every request was a hit, 3 when one was not."""
+    import subprocess
+    import sys
+
+    from test_lm_eval_e2e import harness_env
+
+    argv = [sys.executable, "-m", "lmms_cache", "eval", "--harness", "lm-eval", "--cache-dir", str(cache),
+            *options, "--", "--model", "hf", "--model_args", f"{model_args},device=cpu", "--tasks", "lmc_gen",
+            "--include_path", str(tasks), "--output_path", str(tmp_path / run)]  # fmt: skip
+    proc = subprocess.run(argv, env=harness_env(tmp_path), cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode in (0, 3), proc.stderr[-4000:]
+    return proc.returncode
+
+
+def test_the_eval_path_misses_a_resaved_checkpoint_and_another_tokenizer(tmp_path):
+    from test_lm_eval_e2e import write_tasks
+
+    tasks, cache, ckpt, tok = write_tasks(tmp_path / "tasks"), tmp_path / "cache", tmp_path / "gpt2", tmp_path / "tok"
+    tm.build_gpt2(ckpt, seed=0)
+    tm.train_tokenizer(tok, corpus=tm.OTHER_CORPUS)
+    assert eval_cli(tmp_path, tasks, cache, f"pretrained={ckpt}", "fill") == 0
+    replay = ("--on-miss", "error")  # a miss exits 3 instead of computing
+    assert eval_cli(tmp_path, tasks, cache, f"pretrained={ckpt}", "same", *replay) == 0
+    assert eval_cli(tmp_path, tasks, cache, f"pretrained={ckpt},tokenizer={tok}", "tok", *replay) == 3
+    tm.build_gpt2(ckpt, seed=1)  # "evaluate the latest checkpoint": re-saved in place
+    assert eval_cli(tmp_path, tasks, cache, f"pretrained={ckpt}", "resaved", *replay) == 3

@@ -11,9 +11,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import __version__, codec, harness_cache, manage
-from .identity import model_id_from_arguments
+from .identity import identify_arguments
 from .lazy import lazy_model
-from .proxy import cached
+from .proxy import CacheMissError, Options, wrap
 from .store import Store, StoreError, Where, default_location, open_store
 from .units import format_size, parse_duration, parse_size
 
@@ -242,8 +242,11 @@ class _CachingFactory:
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
         model = lazy_model(self._cls, {**model_args, **extra})
         o = self._options
-        lm = cached(model, o.cache_dir, model_id=model_id_from_arguments(self._harness, self._name, model_args),
-                    batch_size=o.batch_size, on_miss=o.on_miss)  # fmt: skip
+        # The identity comes from the arguments the model will be built with (its class, code,
+        # settings and local checkpoint files): reading the model would build it.
+        identity = identify_arguments(self._cls, self._harness, self._name, model_args)
+        lm = wrap(model, Options.make(path=o.cache_dir, batch_size=o.batch_size, on_miss=o.on_miss,
+                                      identity=identity))  # fmt: skip
         if o.clear_cache and int(os.environ.get("RANK", 0)) == 0:
             removed = lm.cache_store.delete_where(Where(models=(lm.cache_identity.digest,)))
             print(f"lmms-cache: cleared {removed} entries of {lm.cache_identity.label}", file=sys.stderr)
@@ -289,6 +292,9 @@ def _eval(args: argparse.Namespace) -> int:
     sys.argv = [args.harness, *harness_args]
     try:
         run()
+    except CacheMissError as exc:  # lm-eval lets it through; lmms-eval logs it and goes on
+        print(f"lmms-cache: {exc}", file=sys.stderr)
+        return 3
     finally:
         sys.argv = argv
         registry.get_model = original

@@ -626,8 +626,11 @@ def _setting_field(name: str, value: Any, files: FileDigests,
 
 
 def _path_digest(text: str, files: FileDigests, memo: dict[str, bytes | None] | None) -> bytes | None:
-    """The content of a local file or checkpoint directory a text setting names (taken once
-    per tracker: what the model loaded at construction)."""
+    """The content of a model input a text setting names (taken once per tracker: what the
+    model loaded at construction): a checkpoint, tokenizer or adapter directory, or a file
+    a model reads (weights, JSON/YAML configs, templates, prompt text). Other paths (a log,
+    an output directory the model writes) count by their name only, or every run would
+    miss."""
     if memo is not None and text in memo:
         return memo[text]
     found: bytes | None = None
@@ -635,13 +638,37 @@ def _path_digest(text: str, files: FileDigests, memo: dict[str, bytes | None] | 
         st = os.stat(text)
     except (OSError, ValueError):
         st = None
-    if st is not None and stat.S_ISDIR(st.st_mode):
+    if st is not None and stat.S_ISDIR(st.st_mode) and _is_checkpoint_directory(text):
         found = _directory_field(text, files)[0]
-    elif st is not None and stat.S_ISREG(st.st_mode):
+    elif st is not None and stat.S_ISREG(st.st_mode) and text.lower().endswith(_INPUT_SUFFIXES):
         found = _file_material(text, st, files)
     if memo is not None:
         memo[text] = found
     return found
+
+
+# Files that make a directory a checkpoint (or a tokenizer, processor or adapter of one).
+_CHECKPOINT_FILES = frozenset({
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "special_tokens_map.json",
+    "adapter_config.json", "preprocessor_config.json", "processor_config.json",
+    "chat_template.jinja", "chat_template.json", "params.json", "model_index.json",
+})  # fmt: skip
+_INPUT_SUFFIXES = (*_WEIGHT_SUFFIXES, ".json", ".yaml", ".yml", ".jinja", ".j2", ".txt", ".model",
+                   ".tiktoken", ".vocab", ".toml")  # fmt: skip
+
+
+def _is_checkpoint_directory(path: str) -> bool:
+    try:
+        with os.scandir(path) as entries:
+            for count, entry in enumerate(entries):
+                if entry.name in _CHECKPOINT_FILES or entry.name.endswith(_WEIGHT_SUFFIXES):
+                    return True
+                if count > _MAX_DIR_FILES:
+                    return False
+    except OSError:
+        return False
+    return False
 
 
 def _file_material(path: str, st: os.stat_result, files: FileDigests) -> bytes:

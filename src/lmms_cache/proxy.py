@@ -228,6 +228,18 @@ def cached(
         1
         >>> lm.cache_close(); directory.cleanup()
     """
+    options = Options.make(
+        path=path, model_id=model_id, settings=settings, batch_size=batch_size, mode=mode,
+        is_failure=is_failure, sampling=sampling, progress=progress, durable=durable,
+        lockstep=lockstep, on_miss=on_miss, max_size=max_size, expire_after=expire_after, trust=trust,
+    )  # fmt: skip
+    return wrap(model, options)
+
+
+def wrap(model: Any, options: Options) -> CachedModel:
+    """:func:`cached` with options made already (``Options.make``); ``options.identity``
+    fixes the identity of a model whose attributes must not be read (one built on its
+    first miss, whose identity comes from the arguments it will be built with)."""
     if is_cached(model):
         raise TypeError("the model is already wrapped by lmms-cache")
     methods = tuple(m for m in METHODS if callable(getattr(model, m, None)))
@@ -236,11 +248,6 @@ def cached(
             f"{type(model).__name__} has none of the request methods {', '.join(METHODS)}; "
             "cached() wraps lmms-eval / lm-eval models"
         )
-    options = Options.make(
-        path=path, model_id=model_id, settings=settings, batch_size=batch_size, mode=mode,
-        is_failure=is_failure, sampling=sampling, progress=progress, durable=durable,
-        lockstep=lockstep, on_miss=on_miss, max_size=max_size, expire_after=expire_after, trust=trust,
-    )  # fmt: skip
     return _proxy_class(type(model), methods)(model, options)
 
 
