@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+import lmms_harness
 from lmms_harness import CHOICES, REPEATS, SIMPLE_TASKS, Cli, Project
 
 N_REQUESTS = 5 + 5 * CHOICES + 5 * REPEATS + 4  # tiny_img, tiny_mc, tiny_sample, tiny_video
@@ -27,6 +28,9 @@ N_REQUESTS = 5 + 5 * CHOICES + 5 * REPEATS + 4  # tiny_img, tiny_mc, tiny_sample
 @pytest.fixture(scope="module")
 def cli(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("lmms-cli")
+    # ``python -m lmms_cache``, never whichever lmms-cache is first on PATH
+    unpatch = pytest.MonkeyPatch()
+    unpatch.setattr(lmms_harness.shutil, "which", lambda name, *a, **k: None)
     project = Project(root)
     caches = {name: root / f"cache-{name}" for name in ("D", "E", "F")}
     markers = {name: root / f"constructed-{name}" for name in caches}
@@ -46,6 +50,7 @@ def cli(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         runs["rerun"] = Cli(project, "rerun", **on("D")).wait()
         runs["clear"] = Cli(project, "clear", "--clear-cache", **on("D")).wait()
     finally:
+        unpatch.undo()
         for run in started:
             run.close()
     return runs

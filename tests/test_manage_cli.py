@@ -1,5 +1,8 @@
 """The cache-management commands (``lmms-cache stats/ls/show/explain/rm/clear/prune/export/
-import/verify``) run as users run them, in a subprocess, over caches the proxy wrote."""
+import/verify``) over caches the proxy wrote, run in this process (``lmms_cache.cli.main``).
+
+No test depends on the clock: entries get explicit creation and last-use times, and the
+commands read the time from ``lmms_cache.manage._clock``, set by the ``clock`` fixture."""
 
 from __future__ import annotations
 
@@ -12,19 +15,19 @@ import random
 import shutil
 import sqlite3
 import string
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from cli_run import cli_json, run_cli
 from fakes import FakeModel, gen_request, ll_request, task_dict
-from lmms_cache import cached, codec
+from lmms_cache import cached, codec, manage
 from lmms_cache.store import Entry, open_store
 
 DAY = 86400.0
+T0 = 1_700_000_000.0  # the entries' times: T0 + their row id, unless a test says otherwise
+NOW = T0 + DAY  # what the commands take as the current time
 TASKS = {**task_dict(3, "x"), **task_dict(3, "y"), **task_dict(2, "z")}
 
 
@@ -48,16 +51,11 @@ class BigModel(FakeModel):
 # -- helpers -------------------------------------------------------------------------------
 
 
-def run_cli(*args: Any) -> subprocess.CompletedProcess[str]:
-    exe = shutil.which("lmms-cache")
-    cmd = [exe] if exe else [sys.executable, "-m", "lmms_cache"]
-    return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, timeout=60)
-
-
-def cli_json(*args: Any) -> Any:
-    done = run_cli(*args, "--json")
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
+@pytest.fixture(autouse=True)
+def clock(monkeypatch: pytest.MonkeyPatch) -> float:
+    """The time the commands see: NOW, whatever the wall clock says."""
+    monkeypatch.setattr(manage, "_clock", lambda: NOW)
+    return NOW
 
 
 def make(pretrained: str, cls: type = FakeModel, tasks: dict[str, Any] = TASKS) -> FakeModel:
@@ -118,6 +116,15 @@ def age(cache: Path, days: float, **match: Any) -> set[str]:
     return doomed
 
 
+def set_times(cache: Path, hit_last: bool = True) -> None:
+    """Every entry created and last used at T0 + its row id; entries with hits (when
+    ``hit_last``) last used after all of them, at T0 + 1000."""
+    with db(cache) as conn:
+        conn.execute("UPDATE entries SET created_at = ? + id, used_at = ? + id", (T0, T0))
+        if hit_last:
+            conn.execute("UPDATE entries SET used_at = ? + 1000 WHERE hits > 0", (T0,))
+
+
 def checkpointed_size(cache: Path) -> int:
     with db(cache) as conn:
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -149,6 +156,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     again.generate_until(gens("x", [0, 0]))
     assert again.cache_stats.hits == 2 and again.__wrapped__.calls == 0
     again.cache_close()
+    set_times(path)
     return path
 
 
@@ -270,7 +278,7 @@ def two_runs(tmp_path: Path) -> Path:
         lm = cached(make("a/one"), tmp_path)
         lm.generate_until(gens("x", [1], gen_kwargs={"max_new_tokens": tokens, "temperature": 0}))
         lm.cache_close()
-        time.sleep(0.01)
+    set_times(tmp_path)  # the second run's entry is the more recent, whatever the clock did
     return tmp_path
 
 
@@ -356,14 +364,15 @@ def test_clear_needs_yes(cache):
 
 def test_prune_max_size_evicts_the_least_recently_used(tmp_path):
     tasks = task_dict(10, "x")
-    for doc in range(10):  # one write each: ten distinct creation times, doc 0 the oldest
+    for doc in range(10):  # one write each: doc 0 the oldest
         lm = cached(make("a/one", tasks=tasks), tmp_path)
         lm.generate_until(gens("x", [doc]))
         lm.cache_close()
     reader = cached(make("a/one", tasks=tasks), tmp_path)
-    reader.generate_until(gens("x", [0, 3]))  # the two oldest become the most recently used
+    reader.generate_until(gens("x", [0, 3]))  # two of the oldest become the most recently used
     assert reader.cache_stats.hits == 2
     reader.cache_close()
+    set_times(tmp_path)  # creation in doc order; the two hit last
     every = rows(tmp_path)
     kept = {k for k, r in every.items() if r["doc_id"] in ("0", "3", "9")}
     limit = sum(every[k]["size"] for k in kept)

@@ -24,6 +24,11 @@ __all__ = ["Filter", "export", "find", "import_", "label", "preview", "prune", "
 _EXPORT_BATCH = 500
 
 
+def _clock() -> float:
+    """The current time, as the functions here see it when not given ``now`` (tests set it)."""
+    return time.time()
+
+
 @dataclass
 class Filter:
     """What the command line's filters select. ``model`` matches a model identity digest
@@ -35,14 +40,16 @@ class Filter:
     doc_id: str | None = None
     older_than: float | None = None  # seconds
 
-    def where(self, store: Store) -> Where:
+    def where(self, store: Store, *, now: float | None = None) -> Where:
+        """The store filter; ``older_than`` counts back from ``now`` (default: the current time)."""
         models = None
         if self.model is not None:
             models = tuple(
                 digest for digest, description in store.models().items()
                 if digest.startswith(self.model) or self.model in description
             )  # fmt: skip
-        created_before = None if self.older_than is None else time.time() - self.older_than
+        now = _clock() if now is None else now
+        created_before = None if self.older_than is None else now - self.older_than
         return Where(models=models, task=self.task, method=self.method, doc_id=self.doc_id,
                      created_before=created_before)  # fmt: skip
 
@@ -130,12 +137,14 @@ def verify(store: Store, *, drop: bool = False, progress: Callable[[int], None] 
     return bad
 
 
-def prune(store: Store, *, max_size: int | None = None, older_than: float | None = None) -> tuple[int, int]:
-    """Delete entries older than ``older_than`` seconds, then the least recently used until
-    the values total at most ``max_size`` bytes; give the space back. Returns (entries, bytes)."""
+def prune(store: Store, *, max_size: int | None = None, older_than: float | None = None,
+          now: float | None = None) -> tuple[int, int]:  # fmt: skip
+    """Delete entries created more than ``older_than`` seconds before ``now`` (default: the
+    current time), then the least recently used until the values total at most ``max_size``
+    bytes; give the space back. Returns (entries, bytes)."""
     before = store.stats()
     if older_than is not None:
-        store.delete_where(Where(created_before=time.time() - older_than))
+        store.delete_where(Where(created_before=(_clock() if now is None else now) - older_than))
     if max_size is not None:
         store.evict(max_size)
     store.compact()
