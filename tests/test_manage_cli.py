@@ -58,6 +58,13 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> float:
     return NOW
 
 
+def ls_json(*args: Any) -> list[dict[str, Any]]:
+    """The entries ``ls --json`` lists (it must list them all)."""
+    listed = cli_json("ls", *args)
+    assert listed["more"] == 0, listed
+    return listed["entries"]  # type: ignore[no-any-return]
+
+
 def make(pretrained: str, cls: type = FakeModel, tasks: dict[str, Any] = TASKS) -> FakeModel:
     model = cls(pretrained=pretrained)
     model.task_dict = tasks
@@ -178,7 +185,7 @@ def test_stats_json_counts_entries_sizes_hits_by_model_and_task(built):
     assert stats["compression_ratio"] == round(stats["raw_bytes"] / stats["bytes"], 2) > 1
     assert stats["hits"] == 2
     assert stats["seconds_saved"] > 0
-    by_model = {r["label"]: r for r in stats["by_model"]}
+    by_model = {r["model_label"]: r for r in stats["by_model"]}
     assert set(by_model) == {"FakeModel(a/one)", "FakeModel(b/two)", "RepeatModel(c/three)"}
     assert [by_model[m]["entries"] for m in sorted(by_model)] == [7, 4, 2]
     assert [by_model[m]["hits"] for m in sorted(by_model)] == [2, 0, 0]
@@ -204,27 +211,28 @@ def test_stats_text_names_models_and_totals(built):
 
 def test_ls_filters_by_model_digest_prefix_or_checkpoint_name(built):
     a = keys_where(built, model=digests(built)["a/one"])
-    by_name = cli_json("ls", built, "--model", "one")
-    by_digest = cli_json("ls", built, "--model", digests(built)["a/one"][:8])
+    by_name = ls_json(built, "--model", "one")
+    by_digest = ls_json(built, "--model", digests(built)["a/one"][:8])
     for listed in (by_name, by_digest):
-        assert {r["model"] for r in listed} == {"FakeModel(a/one)"}
-        assert {r["key"] for r in listed} == {k[:16] for k in a}
+        assert {r["model_label"] for r in listed} == {"FakeModel(a/one)"}
+        assert {r["model"] for r in listed} == {digests(built)["a/one"]}
+        assert {r["key"] for r in listed} == a
 
 
 def test_ls_filters_by_task_method_doc_id_and_limit(built):
-    assert {(r["model"], r["doc_id"]) for r in cli_json("ls", built, "--task", "y")} == {
+    assert {(r["model_label"], r["doc_id"]) for r in ls_json(built, "--task", "y")} == {
         ("FakeModel(a/one)", d) for d in ("0", "1", "2")}  # fmt: skip
-    ll = cli_json("ls", built, "--method", "loglikelihood")
-    assert sorted(r["model"] for r in ll) == ["FakeModel(a/one)", "FakeModel(b/two)"]
+    ll = ls_json(built, "--method", "loglikelihood")
+    assert sorted(r["model_label"] for r in ll) == ["FakeModel(a/one)", "FakeModel(b/two)"]
     assert all(r["method"] == "loglikelihood" for r in ll)
-    doc1 = cli_json("ls", built, "--doc-id", "1")
-    assert sorted((r["task"], r["model"]) for r in doc1) == [
+    doc1 = ls_json(built, "--doc-id", "1")
+    assert sorted((r["task"], r["model_label"]) for r in doc1) == [
         ("x", "FakeModel(a/one)"), ("x", "FakeModel(b/two)"), ("y", "FakeModel(a/one)"), ("z", "RepeatModel(c/three)")]  # fmt: skip
-    combined = cli_json(
-        "ls", built, "--model", "two", "--task", "x", "--method", "generate_until", "--doc-id", "2"
-    )
+    combined = ls_json(built, "--model", "two", "--task", "x", "--method", "generate_until", "--doc-id", "2")
     assert len(combined) == 1 and combined[0]["response"] == "answer to x question 2"
-    limited = cli_json("ls", built, "--limit", "2")
+    listed = cli_json("ls", built, "--limit", "2")
+    assert listed["more"] == 11
+    limited = listed["entries"]
     assert len(limited) == 2
     # most recently used first: the entry the second proxy hit
     assert limited[0]["hits"] == 2 and limited[0]["response"] == "answer to x question 0"
@@ -250,7 +258,8 @@ def test_show_finds_an_entry_by_key_prefix(built):
     entry = cli_json("show", built, key[:10])
     assert entry["key"] == key
     assert entry["model_label"] == "FakeModel(b/two)"
-    assert "answer to x question 1" in entry["response"]
+    assert entry["response"] == {"text": "answer to x question 1", "token_counts": None}
+    assert entry["response_type"] == "GenerationResult"
     assert entry["components"]["v"]["gen_kwargs.max_new_tokens"] == "16"
     text = run_cli("show", built, key[:10])
     assert text.returncode == 0 and key in text.stdout and "answer to x question 1" in text.stdout
@@ -333,7 +342,7 @@ def test_rm_deletes_exactly_the_filtered_entries(cache, filters, match):
     assert doomed
     done = run_cli("rm", cache, *filters)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == f"removed {len(doomed)} entries"
+    assert done.stdout.strip() == f"removed {len(doomed)} {'entry' if len(doomed) == 1 else 'entries'}"
     assert set(rows(cache)) == before - doomed
     assert cli_json("stats", cache)["entries"] == len(before - doomed)
 
@@ -388,7 +397,7 @@ def test_prune_gives_the_space_back_to_the_file_system(tmp_path):
     lm = cached(make("big/model", BigModel, tasks), tmp_path)
     lm.generate_until(gens("big", range(300)))
     lm.cache_close()
-    assert len(cli_json("ls", tmp_path, "--limit", "1000")) == 300  # listed across pages
+    assert len(ls_json(tmp_path, "--limit", "1000")) == 300  # listed across pages
     before = checkpointed_size(tmp_path)
     assert before > 300 * 2500
     done = run_cli("prune", tmp_path, "--max-size", "50KB")
@@ -450,7 +459,7 @@ def test_import_keeps_existing_values_and_counts_conflicts(built, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "added 2 entries; 1 already there" in done.stdout
     assert set(rows(target)) == set(y_keys)
-    assert cli_json("show", target, y_keys[0])["response"] == "'kept'"
+    assert cli_json("show", target, y_keys[0])["response"] == "kept"
 
 
 def test_export_refuses_to_overwrite_a_file(built, tmp_path):
