@@ -79,6 +79,8 @@ def test_fully_cached_rerun_never_constructs_the_model_and_prints_the_same_table
     first, rerun = ok(cli["first"]), ok(cli["rerun"])
     assert rerun.constructions == 1  # still only the first run's
     assert rerun.requests() == []
+    assert f"lmms-cache: {N_REQUESTS} hits, 0 misses, 0 written; model never built;" in rerun.stderr
+    assert f"0 hits, {N_REQUESTS} misses, {N_REQUESTS} written; model built;" in first.stderr
     assert rerun.header == first.header
     assert rerun.table == first.table
 
