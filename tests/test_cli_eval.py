@@ -22,6 +22,8 @@ import pytest
 import lmms_harness
 from lmms_harness import CHOICES, REPEATS, SIMPLE_TASKS, Cli, Project
 
+pytestmark = pytest.mark.e2e
+
 N_REQUESTS = 5 + 5 * CHOICES + 5 * REPEATS + 4  # tiny_img, tiny_mc, tiny_sample, tiny_video
 
 
