@@ -294,7 +294,7 @@ def _import(args: argparse.Namespace) -> int:
     if not os.path.isfile(args.file):
         return _fail(f"no such file: {args.file}")
     try:
-        manage._check_export(args.file)  # before anything is created
+        manage.check_export(args.file)  # before anything is created
     except manage.NotAnExportError as exc:
         return _fail(str(exc))
     # importing into a new cache creates it

@@ -1,9 +1,11 @@
 """Managing a cache from Python: what the ``lmms-cache`` command does, as functions.
 
-Every function takes an open :class:`~lmms_cache.store.Store` (see
-:func:`~lmms_cache.store.open_store`). Sizes count stored value bytes (compressed as
-stored), not the file, which also holds indexes and free pages; :func:`prune` gives
-freed pages back to the file system.
+Every function takes an open :class:`~lmms_cache.store.Store`: :func:`opened` opens the
+cache at a directory or database file for a ``with`` block, never creating one, and a
+read leaves no ``-wal``/``-shm`` files behind. Sizes count stored value bytes (compressed
+as stored), not the file, which also holds indexes and free pages; :func:`prune` gives
+freed pages back to the file system. Times are Unix times; functions that compare with
+the current time take ``now=``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from .explain import differences
 from .store import Entry, SQLiteStore, Store, StoreError, Where
 from .store.sqlite import APPLICATION_ID, FILENAME
 
-__all__ = ["Filter", "NotAnExportError", "count", "description", "export", "find", "import_", "jsonable", "label",
+__all__ = ["Filter", "NotAnExportError", "check_export", "count", "description", "export", "find", "import_", "jsonable", "label",
            "location", "opened", "preview", "prune", "verify"]  # fmt: skip
 
 _EXPORT_BATCH = 500
@@ -257,7 +259,7 @@ def export(store: Store, path: str, where: Where | None = None,
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
-def _check_export(path: str) -> None:
+def check_export(path: str) -> None:
     """Raise :class:`NotAnExportError` unless ``path`` is an lmms-cache SQLite file
     (read from its header: nothing is opened, nothing created beside it)."""
     with open(path, "rb") as f:
@@ -289,7 +291,7 @@ def import_(store: Store, path: str, *, trust: bool = False, progress: Callable[
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(path)
-    _check_export(path)
+    check_export(path)
     now = _clock() if now is None else now
     counts = {"added": 0, "conflicts": 0, "damaged": 0}
     with opened(path, readonly=True, trust=trust) as source:
