@@ -445,7 +445,6 @@ def _eval(args: argparse.Namespace) -> int:
     fixed = args.fix_request_cache and not harness_cache.installed()
     if fixed:
         harness_cache.install()
-    unreplay = _replay_throughput(args.harness, factories) if not args.no_cache else None
     argv = sys.argv
     sys.argv = [args.harness, *args.harness_args]
     try:
@@ -455,8 +454,6 @@ def _eval(args: argparse.Namespace) -> int:
         registry.get_model = original
         if fixed:
             harness_cache.uninstall()
-        if unreplay is not None:
-            unreplay()
     created = [lm for f in factories for lm in f.created]
     if created:
         print(_summary(created, factories), file=sys.stderr)
@@ -469,13 +466,17 @@ def _eval(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _hit_entries(factories: Sequence[_CachingFactory]) -> list[tuple[int, Entry]]:
-    """(hits in this run, the entry) of every entry that served a hit so far."""
-    found = []
+def _summary(created: Sequence[Any], factories: Sequence[_CachingFactory]) -> str:
+    """One line: what the cache did in this run."""
+    for lm in created:
+        lm.cache_close()  # records the last hits (and retries unsaved entries)
+    hits = sum(lm.cache_stats.hits for lm in created)
+    misses = sum(lm.cache_stats.misses for lm in created)
+    written = sum(lm.cache_stats.written for lm in created)
+    built = any(is_constructed(lm.__wrapped__) for lm in created)
+    saved = 0.0
     for f in factories:
         for lm in f.created:
-            lm.cache_close()  # records the last hits (and retries unsaved entries)
-        for lm in f.created[:1]:  # the proxies of one factory share one cache
             store = lm.cache_store
             for key, n in f.hits.items():
                 try:
@@ -483,56 +484,9 @@ def _hit_entries(factories: Sequence[_CachingFactory]) -> list[tuple[int, Entry]
                 except StoreError:
                     entry = None
                 if entry is not None:
-                    found.append((n, entry))
+                    saved += n * entry.model_seconds
             store.close()
-    return found
-
-
-def _replay_throughput(harness: str, factories: Sequence[_CachingFactory]) -> Callable[[], None] | None:
-    """lmms-eval's results carry a ``throughput`` block the model logs while it generates; a
-    run that never built the model generated nothing. Its block is then the one the stored
-    answers were generated with: tokens from their token counts, time from the model time
-    stored with each, marked ``"from_cache": true``. Returns the undo."""
-    if harness != "lmms-eval":
-        return None
-    try:
-        gen_metrics = importlib.import_module("lmms_eval.models.model_utils.gen_metrics")
-    except ImportError:
-        return None
-    original = gen_metrics.summarize_logged_metrics
-
-    def summarize_logged_metrics() -> Any:
-        summary = original()
-        created = [lm for f in factories for lm in f.created]
-        if summary or not created or any(is_constructed(lm.__wrapped__) for lm in created):
-            return summary
-        requests = tokens = 0
-        seconds = 0.0
-        for n, entry in _hit_entries(factories):
-            try:
-                counts = getattr(codec.decode(entry.value), "token_counts", None)
-            except codec.CodecError:
-                counts = None
-            requests += n
-            tokens += n * (getattr(counts, "output_tokens", None) or 0)
-            seconds += n * entry.model_seconds
-        if not requests:
-            return summary
-        return {"total_gen_tokens": tokens, "total_elapsed_time": seconds,
-                "avg_speed": tokens / seconds if seconds > 0 else 0.0, "avg_latency": seconds / requests,
-                "from_cache": True}  # fmt: skip
-
-    setattr(gen_metrics, "summarize_logged_metrics", summarize_logged_metrics)  # noqa: B010
-    return lambda: setattr(gen_metrics, "summarize_logged_metrics", original)
-
-
-def _summary(created: Sequence[Any], factories: Sequence[_CachingFactory]) -> str:
-    """One line: what the cache did in this run."""
-    saved = sum(n * entry.model_seconds for n, entry in _hit_entries(factories))
-    hits = sum(lm.cache_stats.hits for lm in created)
-    misses = sum(lm.cache_stats.misses for lm in created)
-    written = sum(lm.cache_stats.written for lm in created)
-    built = any(is_constructed(lm.__wrapped__) for lm in created)
+        f.hits.clear()
     where = created[0].cache_store.location
     return (f"lmms-cache: {_plural(hits, 'hit')}, {_plural(misses, 'miss', 'misses')}, {written} written; "
             f"model {'built' if built else 'never built'}; model time saved {saved:.1f} s; cache {where}")  # fmt: skip
