@@ -476,7 +476,7 @@ def _summary(created: Sequence[Any], factories: Sequence[_CachingFactory]) -> st
     built = any(is_constructed(lm.__wrapped__) for lm in created)
     saved = 0.0
     for f in factories:
-        for lm in f.created:
+        for lm in f.created[:1]:  # the hits of all its proxies, in the one cache they share
             store = lm.cache_store
             for key, n in f.hits.items():
                 try:
