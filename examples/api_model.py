@@ -1,26 +1,34 @@
 """An API-priced model, cached: the second run sends nothing and costs nothing.
 
-    python examples/api_model.py [--price-per-1k-tokens 0.005] [--latency 0.2] [--cache-dir DIR]
+    python examples/api_model.py [--price-per-1k-tokens 0.005] [--latency 0.2] [--cache-dir DIR] [--port N]
 
 lmms-eval's own ``openai`` model (what ``--model openai`` builds) answers questions about
 images through an OpenAI-compatible API. To run offline, this script starts a tiny
-stand-in for that API on 127.0.0.1 (it waits ``--latency`` seconds per request and reports
-token usage as OpenAI does); point ``base_url`` at a real endpoint and nothing else changes.
+stand-in for that API on 127.0.0.1, port 18765 unless ``--port`` says otherwise (it waits
+``--latency`` seconds per request and reports token usage as OpenAI does); point
+``base_url`` at a real endpoint and nothing else changes.
 
 The evaluation runs twice, each time with a new model object and a new proxy, as after a
 restart. The first run pays for every request; the second is answered from the cache on
-disk, token counts included, so the script can tell what the second run saved.
+disk, token counts included, so the script can tell what the second run saved. Run the
+script again with the same ``--cache-dir`` (and port) and both runs are free: nothing is
+sent to the API at all. Without ``--cache-dir`` the cache lives in a temporary directory,
+removed at the end.
 
 The cache tells models apart by their class, ``model_version`` and endpoint URL (never the
-API key). If the URL of the same model changes between runs (a local server on a new port),
-name the model yourself: ``cached(model, path, model_id="my-gpt-4o")``.
+API key): two servers are two models, so the stand-in's port is fixed and a second run
+finds the first one's answers. If the URL of the same model changes between runs (a local
+server restarted on a new port), name the model yourself:
+``cached(model, path, model_id="my-gpt-4o")``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -34,12 +42,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 class FakeAPI(ThreadingHTTPServer):
-    """``POST /v1/chat/completions`` on a free loopback port; counts what it is sent."""
+    """``POST /v1/chat/completions`` on a loopback port; counts what it is sent."""
 
     daemon_threads = True
 
-    def __init__(self, latency: float) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
+    def __init__(self, latency: float, port: int = 0) -> None:
+        super().__init__(("127.0.0.1", port), _Handler)
         self.latency = latency
         self.requests = 0
         self.tokens = 0
@@ -79,6 +87,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+
+DEFAULT_PORT = 18765
 
 # -- the evaluation ---------------------------------------------------------------------------
 
@@ -130,16 +140,31 @@ def main() -> None:
         "--latency", type=float, default=0.2, help="seconds the stand-in API takes per request"
     )
     parser.add_argument("--docs", type=int, default=24, help="questions to ask")
-    parser.add_argument("--cache-dir", default=None, help="default: a new temporary directory")
+    parser.add_argument("--cache-dir", default=None,
+                        help="the cache (default: a temporary directory, removed at the end)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+                        help=f"the stand-in API's port on 127.0.0.1 (default {DEFAULT_PORT}); it is part of "
+                             "the model's identity, like any endpoint URL")  # fmt: skip
     options = parser.parse_args()
 
     from PIL import Image
 
     docs = [{"image": Image.new("RGB", (32, 32), (i * 10 % 256, 120, 200)),
              "question": f"What is the red value of picture {i}?"} for i in range(options.docs)]  # fmt: skip
-    cache_dir = options.cache_dir or tempfile.mkdtemp(prefix="lmms-cache-api-")
+    with contextlib.ExitStack() as stack:
+        cache_dir = options.cache_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="lmms-cache-api-"))
+        run_twice(options, docs, cache_dir)
+        if options.cache_dir is None:
+            print("cache: a temporary directory, now removed (pass --cache-dir DIR to keep it: a next run is free)")
+        else:
+            print(f"cache: {cache_dir}")
 
-    api = FakeAPI(options.latency)
+
+def run_twice(options: argparse.Namespace, docs: list[dict], cache_dir: str) -> None:
+    try:
+        api = FakeAPI(options.latency, options.port)
+    except OSError as exc:
+        sys.exit(f"cannot start the stand-in API on 127.0.0.1:{options.port} ({exc.strerror}); pass --port N")
     threading.Thread(target=api.serve_forever, daemon=True).start()
     runs = {}
     try:
@@ -164,7 +189,6 @@ def main() -> None:
     else:
         print("pass --price-per-1k-tokens USD to see the money saved")
     print(f"e.g. {second[3].text!r}")
-    print(f"cache: {cache_dir}")
 
 
 if __name__ == "__main__":

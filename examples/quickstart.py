@@ -4,11 +4,14 @@
 
 A tiny fake multimodal model stands in for a real one (it "thinks" 20 ms per request,
 like a small GPU model). The first run pays for every request; the second, in a fresh
-proxy as after a restart, answers everything from the cache on disk.
+proxy as after a restart, answers everything from the cache on disk. Without CACHE_DIR the
+cache lives in a temporary directory, removed at the end; with one, it stays (run the
+script again: both runs are free, and ``lmms-cache stats CACHE_DIR`` shows the entries).
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import tempfile
 import time
@@ -64,8 +67,19 @@ def main() -> None:
                  idx=0, metadata={"task": "demo", "doc_id": i, "repeats": 1, "split": "test"})
         for i in range(len(docs))
     ]
-    cache_dir = sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="lmms-cache-quickstart-")
+    with contextlib.ExitStack() as stack:
+        if len(sys.argv) > 1:
+            cache_dir = sys.argv[1]
+        else:
+            cache_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="lmms-cache-quickstart-"))
+        run_twice(requests, docs, cache_dir)
+    if len(sys.argv) > 1:
+        print(f"cache: {cache_dir}")
+    else:
+        print("cache: a temporary directory, now removed (pass a directory to keep it)")
 
+
+def run_twice(requests: list, docs: list, cache_dir: str) -> None:
     for run in ("first", "second"):
         model = TinyVLM()
         model.task_dict = {"demo": {"test": docs}}
@@ -78,7 +92,6 @@ def main() -> None:
               f"model asked {model.requests_seen} times")
         lm.cache_close()
     print(f"e.g. {answers[7]!r}")
-    print(f"cache: {cache_dir}")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ import pytest
 
 from openai_server import OpenAIServer
 
+pytestmark = pytest.mark.e2e
+
 API_KEY = "sk-lmmscache-TEST-7d1e0c55a9b34f2e"
 TASK, SPLIT, N_DOCS = "api_demo", "test", 8
 LAYOUTS = ("simple", "chat")

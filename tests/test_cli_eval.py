@@ -19,7 +19,10 @@ from typing import Any
 
 import pytest
 
+import lmms_harness
 from lmms_harness import CHOICES, REPEATS, SIMPLE_TASKS, Cli, Project
+
+pytestmark = pytest.mark.e2e
 
 N_REQUESTS = 5 + 5 * CHOICES + 5 * REPEATS + 4  # tiny_img, tiny_mc, tiny_sample, tiny_video
 
@@ -27,6 +30,9 @@ N_REQUESTS = 5 + 5 * CHOICES + 5 * REPEATS + 4  # tiny_img, tiny_mc, tiny_sample
 @pytest.fixture(scope="module")
 def cli(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("lmms-cli")
+    # ``python -m lmms_cache``, never whichever lmms-cache is first on PATH
+    unpatch = pytest.MonkeyPatch()
+    unpatch.setattr(lmms_harness.shutil, "which", lambda name, *a, **k: None)
     project = Project(root)
     caches = {name: root / f"cache-{name}" for name in ("D", "E", "F")}
     markers = {name: root / f"constructed-{name}" for name in caches}
@@ -46,6 +52,7 @@ def cli(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         runs["rerun"] = Cli(project, "rerun", **on("D")).wait()
         runs["clear"] = Cli(project, "clear", "--clear-cache", **on("D")).wait()
     finally:
+        unpatch.undo()
         for run in started:
             run.close()
     return runs
@@ -74,6 +81,8 @@ def test_fully_cached_rerun_never_constructs_the_model_and_prints_the_same_table
     first, rerun = ok(cli["first"]), ok(cli["rerun"])
     assert rerun.constructions == 1  # still only the first run's
     assert rerun.requests() == []
+    assert f"lmms-cache: {N_REQUESTS} hits, 0 misses, 0 written; model never built;" in rerun.stderr
+    assert f"0 hits, {N_REQUESTS} misses, {N_REQUESTS} written; model built;" in first.stderr
     assert rerun.header == first.header
     assert rerun.table == first.table
 

@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 
+pytestmark = pytest.mark.e2e
+
 WORKER = Path(__file__).with_name("e2e_worker.py")
 TIMEOUT = 60
 WARNING = "WARNING:lmms_cache:"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from fakes import gen_request, task_dict
 from lmms_cache import cached
 from lmms_cache.lazy import is_constructed, lazy_model
@@ -105,3 +107,114 @@ def test_properties_the_evaluators_probe_do_not_construct():
     assert WithTokenizer.constructed == 0
     m.generate_until([gen_request(0)])
     assert m.tokenizer == "a tokenizer" and WithTokenizer.constructed == 1
+
+
+# -- what a model never built reports (lm-eval's get_model_info) ------------------------------
+
+
+def write_safetensors(path: Any, tensors: dict[str, tuple[str, list[int]]]) -> None:
+    """A safetensors file with these (dtype, shape) tensors, all zeros."""
+    import json
+    import math
+    import struct
+
+    width = {"F32": 4, "BF16": 2, "F16": 2, "I64": 8}
+    header, offset = {}, 0
+    for name, (dtype, shape) in tensors.items():
+        n = math.prod(shape) * width[dtype]
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + n]}
+        offset += n
+    header["__metadata__"] = {"format": "pt"}
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(offset))
+
+
+class InfoModel(Base):
+    """An lm-eval-like model with get_model_info (HFLM's shape)."""
+
+    def __init__(self, pretrained: str = "", **kwargs: Any) -> None:
+        super().__init__()
+        raise AssertionError("never built in these tests")
+
+    def get_model_info(self) -> dict[str, Any]:
+        return {"built": True}
+
+    def generate_until(self, requests: list[Any]) -> list[str]:
+        return []
+
+
+def test_model_info_of_an_unbuilt_model_comes_from_the_checkpoint_files(tmp_path):
+    import json
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16"}))
+    write_safetensors(ckpt / "model-00001-of-00002.safetensors", {"a.weight": ("BF16", [4, 8]), "a.bias": ("BF16", [4])})
+    write_safetensors(ckpt / "model-00002-of-00002.safetensors", {"b.weight": ("BF16", [3, 5, 2])})
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a.weight": "model-00001-of-00002.safetensors", "a.bias": "model-00001-of-00002.safetensors",
+        "b.weight": "model-00002-of-00002.safetensors"}}))  # fmt: skip
+    m = lazy_model(InfoModel, {"pretrained": str(ckpt)})
+    assert m.get_model_info() == {"model_num_parameters": 32 + 4 + 30, "model_dtype": "torch.bfloat16",
+                                  "model_revision": "main", "model_sha": ""}  # fmt: skip
+    assert not is_constructed(m)
+    explicit = lazy_model(InfoModel, {"pretrained": str(ckpt), "dtype": "float16", "revision": "v2"})
+    assert explicit.get_model_info()["model_dtype"] == "torch.float16"
+    assert explicit.get_model_info()["model_revision"] == "v2"
+
+
+def test_model_info_without_config_dtype_takes_the_first_float_tensor_and_without_files_says_unknown(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    write_safetensors(ckpt / "model.safetensors", {"ids": ("I64", [3]), "w": ("F16", [2, 2])})
+    info = lazy_model(InfoModel, {"pretrained": str(ckpt)}).get_model_info()
+    assert info["model_dtype"] == "torch.float16" and info["model_num_parameters"] == 7
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert lazy_model(InfoModel, {"pretrained": str(empty)}).get_model_info() == {
+        "model_num_parameters": -1, "model_dtype": "", "model_revision": "main", "model_sha": ""}  # fmt: skip
+    assert lazy_model(InfoModel, {"model": "gpt-4o"}).get_model_info() == {}
+
+
+def test_model_info_of_a_hub_name_reads_the_local_hub_cache(tmp_path, monkeypatch):
+    import json
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--org--tiny"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps({"dtype": "float32"}))
+    write_safetensors(snapshot / "model.safetensors", {"w": ("F32", [10, 10])})
+    info = lazy_model(InfoModel, {"pretrained": "org/tiny", "peft": "org/adapter"}).get_model_info()
+    assert info == {"model_num_parameters": 100, "model_dtype": "torch.float32", "model_revision": "main",
+                    "model_sha": commit, "peft_sha": ""}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_model_info_matches_what_lm_eval_hflm_reports_once_built(tmp_path, monkeypatch):
+    """A tiny GPT-2 saved locally: HFLM built reports the same get_model_info as the
+    placeholder that never loaded it."""
+    pytest.importorskip("lm_eval")
+    transformers = pytest.importorskip("transformers")
+    from lm_eval.models.huggingface import HFLM
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ckpt = tmp_path / "tiny-gpt2"
+    words = ["[UNK]", "[EOS]", "[PAD]", "red", "green", "blue"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]",
+                                         pad_token="[PAD]").save_pretrained(ckpt)  # fmt: skip
+    config = transformers.GPT2Config(vocab_size=len(words), n_positions=16, n_embd=8, n_layer=1, n_head=2)
+    transformers.GPT2LMHeadModel(config).save_pretrained(ckpt)
+    for dtype in ("auto", "bfloat16"):
+        args = {"pretrained": str(ckpt), "device": "cpu", "dtype": dtype, "batch_size": 1}
+        built = HFLM(**args).get_model_info()
+        built["model_dtype"] = str(built["model_dtype"])  # what lm-eval's results file says
+        assert lazy_model(HFLM, args).get_model_info() == built

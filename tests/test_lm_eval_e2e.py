@@ -21,6 +21,8 @@ import pytest
 
 from lmms_cache.store import open_store
 
+pytestmark = pytest.mark.e2e
+
 pytest.importorskip("lm_eval")
 
 WORKER = Path(__file__).with_name("lm_eval_worker.py")

@@ -42,6 +42,8 @@ from lmms_harness import (
     run_spec,
 )
 
+pytestmark = pytest.mark.e2e
+
 GEN_TASKS = ["tiny_img", "tiny_sample", "tiny_video"]
 # (name, evaluation, the batch (0-based) at which the model blocks and is killed)
 KILLED = {

@@ -1,5 +1,8 @@
 """The cache-management commands (``lmms-cache stats/ls/show/explain/rm/clear/prune/export/
-import/verify``) run as users run them, in a subprocess, over caches the proxy wrote."""
+import/verify``) over caches the proxy wrote, run in this process (``lmms_cache.cli.main``).
+
+No test depends on the clock: entries get explicit creation and last-use times, and the
+commands read the time from ``lmms_cache.manage._clock``, set by the ``clock`` fixture."""
 
 from __future__ import annotations
 
@@ -12,19 +15,19 @@ import random
 import shutil
 import sqlite3
 import string
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from cli_run import cli_json, run_cli
 from fakes import FakeModel, gen_request, ll_request, task_dict
-from lmms_cache import cached, codec
+from lmms_cache import cached, codec, manage
 from lmms_cache.store import Entry, open_store
 
 DAY = 86400.0
+T0 = 1_700_000_000.0  # the entries' times: T0 + their row id, unless a test says otherwise
+NOW = T0 + DAY  # what the commands take as the current time
 TASKS = {**task_dict(3, "x"), **task_dict(3, "y"), **task_dict(2, "z")}
 
 
@@ -48,16 +51,18 @@ class BigModel(FakeModel):
 # -- helpers -------------------------------------------------------------------------------
 
 
-def run_cli(*args: Any) -> subprocess.CompletedProcess[str]:
-    exe = shutil.which("lmms-cache")
-    cmd = [exe] if exe else [sys.executable, "-m", "lmms_cache"]
-    return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, timeout=60)
+@pytest.fixture(autouse=True)
+def clock(monkeypatch: pytest.MonkeyPatch) -> float:
+    """The time the commands see: NOW, whatever the wall clock says."""
+    monkeypatch.setattr(manage, "_clock", lambda: NOW)
+    return NOW
 
 
-def cli_json(*args: Any) -> Any:
-    done = run_cli(*args, "--json")
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
+def ls_json(*args: Any) -> list[dict[str, Any]]:
+    """The entries ``ls --json`` lists (it must list them all)."""
+    listed = cli_json("ls", *args)
+    assert listed["more"] == 0, listed
+    return listed["entries"]  # type: ignore[no-any-return]
 
 
 def make(pretrained: str, cls: type = FakeModel, tasks: dict[str, Any] = TASKS) -> FakeModel:
@@ -118,6 +123,15 @@ def age(cache: Path, days: float, **match: Any) -> set[str]:
     return doomed
 
 
+def set_times(cache: Path, hit_last: bool = True) -> None:
+    """Every entry created and last used at T0 + its row id; entries with hits (when
+    ``hit_last``) last used after all of them, at T0 + 1000."""
+    with db(cache) as conn:
+        conn.execute("UPDATE entries SET created_at = ? + id, used_at = ? + id", (T0, T0))
+        if hit_last:
+            conn.execute("UPDATE entries SET used_at = ? + 1000 WHERE hits > 0", (T0,))
+
+
 def checkpointed_size(cache: Path) -> int:
     with db(cache) as conn:
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -149,6 +163,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     again.generate_until(gens("x", [0, 0]))
     assert again.cache_stats.hits == 2 and again.__wrapped__.calls == 0
     again.cache_close()
+    set_times(path)
     return path
 
 
@@ -170,7 +185,7 @@ def test_stats_json_counts_entries_sizes_hits_by_model_and_task(built):
     assert stats["compression_ratio"] == round(stats["raw_bytes"] / stats["bytes"], 2) > 1
     assert stats["hits"] == 2
     assert stats["seconds_saved"] > 0
-    by_model = {r["label"]: r for r in stats["by_model"]}
+    by_model = {r["model_label"]: r for r in stats["by_model"]}
     assert set(by_model) == {"FakeModel(a/one)", "FakeModel(b/two)", "RepeatModel(c/three)"}
     assert [by_model[m]["entries"] for m in sorted(by_model)] == [7, 4, 2]
     assert [by_model[m]["hits"] for m in sorted(by_model)] == [2, 0, 0]
@@ -196,27 +211,28 @@ def test_stats_text_names_models_and_totals(built):
 
 def test_ls_filters_by_model_digest_prefix_or_checkpoint_name(built):
     a = keys_where(built, model=digests(built)["a/one"])
-    by_name = cli_json("ls", built, "--model", "one")
-    by_digest = cli_json("ls", built, "--model", digests(built)["a/one"][:8])
+    by_name = ls_json(built, "--model", "one")
+    by_digest = ls_json(built, "--model", digests(built)["a/one"][:8])
     for listed in (by_name, by_digest):
-        assert {r["model"] for r in listed} == {"FakeModel(a/one)"}
-        assert {r["key"] for r in listed} == {k[:16] for k in a}
+        assert {r["model_label"] for r in listed} == {"FakeModel(a/one)"}
+        assert {r["model"] for r in listed} == {digests(built)["a/one"]}
+        assert {r["key"] for r in listed} == a
 
 
 def test_ls_filters_by_task_method_doc_id_and_limit(built):
-    assert {(r["model"], r["doc_id"]) for r in cli_json("ls", built, "--task", "y")} == {
+    assert {(r["model_label"], r["doc_id"]) for r in ls_json(built, "--task", "y")} == {
         ("FakeModel(a/one)", d) for d in ("0", "1", "2")}  # fmt: skip
-    ll = cli_json("ls", built, "--method", "loglikelihood")
-    assert sorted(r["model"] for r in ll) == ["FakeModel(a/one)", "FakeModel(b/two)"]
+    ll = ls_json(built, "--method", "loglikelihood")
+    assert sorted(r["model_label"] for r in ll) == ["FakeModel(a/one)", "FakeModel(b/two)"]
     assert all(r["method"] == "loglikelihood" for r in ll)
-    doc1 = cli_json("ls", built, "--doc-id", "1")
-    assert sorted((r["task"], r["model"]) for r in doc1) == [
+    doc1 = ls_json(built, "--doc-id", "1")
+    assert sorted((r["task"], r["model_label"]) for r in doc1) == [
         ("x", "FakeModel(a/one)"), ("x", "FakeModel(b/two)"), ("y", "FakeModel(a/one)"), ("z", "RepeatModel(c/three)")]  # fmt: skip
-    combined = cli_json(
-        "ls", built, "--model", "two", "--task", "x", "--method", "generate_until", "--doc-id", "2"
-    )
+    combined = ls_json(built, "--model", "two", "--task", "x", "--method", "generate_until", "--doc-id", "2")
     assert len(combined) == 1 and combined[0]["response"] == "answer to x question 2"
-    limited = cli_json("ls", built, "--limit", "2")
+    listed = cli_json("ls", built, "--limit", "2")
+    assert listed["more"] == 11
+    limited = listed["entries"]
     assert len(limited) == 2
     # most recently used first: the entry the second proxy hit
     assert limited[0]["hits"] == 2 and limited[0]["response"] == "answer to x question 0"
@@ -242,7 +258,8 @@ def test_show_finds_an_entry_by_key_prefix(built):
     entry = cli_json("show", built, key[:10])
     assert entry["key"] == key
     assert entry["model_label"] == "FakeModel(b/two)"
-    assert "answer to x question 1" in entry["response"]
+    assert entry["response"] == {"text": "answer to x question 1", "token_counts": None}
+    assert entry["response_type"] == "GenerationResult"
     assert entry["components"]["v"]["gen_kwargs.max_new_tokens"] == "16"
     text = run_cli("show", built, key[:10])
     assert text.returncode == 0 and key in text.stdout and "answer to x question 1" in text.stdout
@@ -270,7 +287,7 @@ def two_runs(tmp_path: Path) -> Path:
         lm = cached(make("a/one"), tmp_path)
         lm.generate_until(gens("x", [1], gen_kwargs={"max_new_tokens": tokens, "temperature": 0}))
         lm.cache_close()
-        time.sleep(0.01)
+    set_times(tmp_path)  # the second run's entry is the more recent, whatever the clock did
     return tmp_path
 
 
@@ -325,7 +342,7 @@ def test_rm_deletes_exactly_the_filtered_entries(cache, filters, match):
     assert doomed
     done = run_cli("rm", cache, *filters)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == f"removed {len(doomed)} entries"
+    assert done.stdout.strip() == f"removed {len(doomed)} {'entry' if len(doomed) == 1 else 'entries'}"
     assert set(rows(cache)) == before - doomed
     assert cli_json("stats", cache)["entries"] == len(before - doomed)
 
@@ -356,14 +373,15 @@ def test_clear_needs_yes(cache):
 
 def test_prune_max_size_evicts_the_least_recently_used(tmp_path):
     tasks = task_dict(10, "x")
-    for doc in range(10):  # one write each: ten distinct creation times, doc 0 the oldest
+    for doc in range(10):  # one write each: doc 0 the oldest
         lm = cached(make("a/one", tasks=tasks), tmp_path)
         lm.generate_until(gens("x", [doc]))
         lm.cache_close()
     reader = cached(make("a/one", tasks=tasks), tmp_path)
-    reader.generate_until(gens("x", [0, 3]))  # the two oldest become the most recently used
+    reader.generate_until(gens("x", [0, 3]))  # two of the oldest become the most recently used
     assert reader.cache_stats.hits == 2
     reader.cache_close()
+    set_times(tmp_path)  # creation in doc order; the two hit last
     every = rows(tmp_path)
     kept = {k for k, r in every.items() if r["doc_id"] in ("0", "3", "9")}
     limit = sum(every[k]["size"] for k in kept)
@@ -379,7 +397,7 @@ def test_prune_gives_the_space_back_to_the_file_system(tmp_path):
     lm = cached(make("big/model", BigModel, tasks), tmp_path)
     lm.generate_until(gens("big", range(300)))
     lm.cache_close()
-    assert len(cli_json("ls", tmp_path, "--limit", "1000")) == 300  # listed across pages
+    assert len(ls_json(tmp_path, "--limit", "1000")) == 300  # listed across pages
     before = checkpointed_size(tmp_path)
     assert before > 300 * 2500
     done = run_cli("prune", tmp_path, "--max-size", "50KB")
@@ -441,7 +459,7 @@ def test_import_keeps_existing_values_and_counts_conflicts(built, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "added 2 entries; 1 already there" in done.stdout
     assert set(rows(target)) == set(y_keys)
-    assert cli_json("show", target, y_keys[0])["response"] == "'kept'"
+    assert cli_json("show", target, y_keys[0])["response"] == "kept"
 
 
 def test_export_refuses_to_overwrite_a_file(built, tmp_path):

@@ -27,6 +27,8 @@ import pytest
 import tiny_models as tm
 from lmms_cache import cached
 
+pytestmark = pytest.mark.slow  # builds and runs real transformers models (~1 min)
+
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
@@ -319,6 +321,7 @@ def eval_cli(tmp_path: Path, tasks: Path, cache: Path, model_args: str, run: str
     return proc.returncode
 
 
+@pytest.mark.e2e
 def test_the_eval_path_misses_a_resaved_checkpoint_and_another_tokenizer(tmp_path):
     from test_lm_eval_e2e import write_tasks
 

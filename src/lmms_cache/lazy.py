@@ -7,16 +7,23 @@ with rank and world size taken from the launcher's environment (``RANK``,
 runs the first time a request method is called (the proxy calls it only for misses) or
 an attribute the placeholder does not have is read. Whatever the evaluator set on the
 placeholder before then (``task_dict``) is kept.
+
+lm-eval adds the model's details to its results (``get_model_info``: parameter count,
+dtype, revision, commit). A model that was never built answers from what is known without
+its weights: :func:`model_info_without_weights`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
+import struct
 import time
 from typing import Any
 
-__all__ = ["is_constructed", "lazy_model"]
+__all__ = ["is_constructed", "lazy_model", "model_info_without_weights"]
 
 log = logging.getLogger("lmms_cache")
 
@@ -133,7 +140,9 @@ def _lazy_class(cls: type) -> type:
         original_info = cls.get_model_info  # type: ignore[attr-defined]
 
         def get_model_info(self: Any) -> Any:
-            return original_info(self) if is_constructed(self) else {}
+            if is_constructed(self):
+                return original_info(self)
+            return model_info_without_weights(self.__dict__[_STATE].kwargs)
 
         namespace["get_model_info"] = get_model_info
     found = type(cls.__name__, (cls,), namespace)
@@ -162,3 +171,121 @@ def _constructing(cls: type, method: str) -> Any:
 
     call.__name__ = call.__qualname__ = method
     return call
+
+
+# -- what a model that was never built can tell about itself ---------------------------------
+
+# safetensors dtype names -> torch's (what ``str(model.dtype)`` says)
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                       "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}  # fmt: skip
+
+
+def model_info_without_weights(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """lm-eval's ``HFLM.get_model_info()`` for a model given by these arguments, from its
+    checkpoint's files alone (never loading a tensor), so that a fully cached rerun's results
+    carry the same fields as the run that built the model.
+
+    * ``model_num_parameters``: the elements of every tensor in the checkpoint's safetensors
+      files (their headers only); -1 without safetensors files, as HFLM says when it cannot tell;
+    * ``model_dtype``: ``torch.<dtype>`` from the ``dtype`` argument, else (``auto``) the
+      config's ``torch_dtype`` / ``dtype``, else the first floating-point tensor's; ``""``
+      when unknown;
+    * ``model_revision``: the ``revision`` argument (HFLM's default ``main``);
+    * ``model_sha``: the commit of that revision in the local Hugging Face cache, for a hub
+      name; ``""`` for a local directory, as HFLM reports it (and ``peft_sha`` /
+      ``delta_sha`` the same way).
+
+    The checkpoint is ``pretrained`` when it names a local directory, else the Hub cache's
+    snapshot of it. Without a string ``pretrained`` (not a Hugging Face model): ``{}``.
+    """
+    pretrained = kwargs.get("pretrained")
+    if not isinstance(pretrained, str) or not pretrained:
+        return {}
+    revision = kwargs.get("revision", "main")
+    revision = "main" if revision is None else str(revision)
+    directory = pretrained if os.path.isdir(pretrained) else _hub_snapshot(pretrained, revision)
+    tensors = _safetensors_tensors(directory) if directory else []
+    info: dict[str, Any] = {
+        "model_num_parameters": sum(math.prod(shape) for _, shape in tensors) if tensors else -1,
+        "model_dtype": _dtype(kwargs.get("dtype", "auto"), directory, tensors),
+        "model_revision": revision,
+        "model_sha": "" if os.path.isdir(pretrained) else _hub_commit(pretrained, revision),
+    }
+    for name in ("peft", "delta"):
+        if kwargs.get(name):
+            source = str(kwargs[name])
+            info[f"{name}_sha"] = "" if os.path.isdir(source) else _hub_commit(source, revision)
+    return info
+
+
+def _dtype(requested: Any, directory: str | None, tensors: list[tuple[str, list[int]]]) -> str:
+    if isinstance(requested, str) and requested not in ("", "auto"):
+        return f"torch.{requested.removeprefix('torch.')}"
+    if directory:
+        try:
+            with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
+                config = json.load(f)
+        except (OSError, ValueError):
+            config = {}
+        for key in ("torch_dtype", "dtype"):
+            if isinstance(config.get(key), str) and config[key] not in ("", "auto"):
+                return f"torch.{config[key].removeprefix('torch.')}"
+    for dtype, _ in tensors:
+        if dtype in _SAFETENSORS_DTYPES:
+            return f"torch.{_SAFETENSORS_DTYPES[dtype]}"
+    return ""
+
+
+def _safetensors_tensors(directory: str) -> list[tuple[str, list[int]]]:
+    """(dtype, shape) of every tensor in the checkpoint's safetensors files, from their
+    headers (``model.safetensors``, or the shards ``model.safetensors.index.json`` names)."""
+    try:
+        with open(os.path.join(directory, "model.safetensors.index.json"), encoding="utf-8") as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        files = ["model.safetensors"]
+    found: list[tuple[str, list[int]]] = []
+    for name in files:
+        try:
+            with open(os.path.join(directory, name), "rb") as f:
+                (size,) = struct.unpack("<Q", f.read(8))
+                if size > 100_000_000:  # not a safetensors header
+                    return []
+                header = json.loads(f.read(size))
+        except (OSError, ValueError, struct.error):
+            return []
+        for key, tensor in header.items():
+            if key != "__metadata__" and isinstance(tensor, dict):
+                found.append((str(tensor.get("dtype")), [int(n) for n in tensor.get("shape", ())]))
+    return found
+
+
+def _hub_repo_folder(repo_id: str) -> str | None:
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return None
+    return os.path.join(constants.HF_HUB_CACHE, "models--" + repo_id.replace("/", "--"))
+
+
+def _hub_commit(repo_id: str, revision: str) -> str:
+    """The commit a revision of a Hub model resolves to in the local cache ('' if unknown)."""
+    folder = _hub_repo_folder(repo_id)
+    if folder is None:
+        return ""
+    if len(revision) == 40 and all(c in "0123456789abcdef" for c in revision):
+        return revision if os.path.isdir(os.path.join(folder, "snapshots", revision)) else ""
+    try:
+        with open(os.path.join(folder, "refs", revision), encoding="utf-8") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _hub_snapshot(repo_id: str, revision: str) -> str | None:
+    folder = _hub_repo_folder(repo_id)
+    commit = _hub_commit(repo_id, revision)
+    if folder is None or not commit:
+        return None
+    snapshot = os.path.join(folder, "snapshots", commit)
+    return snapshot if os.path.isdir(snapshot) else None

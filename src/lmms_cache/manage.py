@@ -1,27 +1,40 @@
 """Managing a cache from Python: what the ``lmms-cache`` command does, as functions.
 
-Every function takes an open :class:`~lmms_cache.store.Store` (see
-:func:`~lmms_cache.store.open_store`). Sizes count stored value bytes (compressed as
-stored), not the file, which also holds indexes and free pages; :func:`prune` gives
-freed pages back to the file system.
+Every function takes an open :class:`~lmms_cache.store.Store`: :func:`opened` opens the
+cache at a directory or database file for a ``with`` block, never creating one, and a
+read leaves no ``-wal``/``-shm`` files behind. Sizes count stored value bytes (compressed
+as stored), not the file, which also holds indexes and free pages; :func:`prune` gives
+freed pages back to the file system. Times are Unix times; functions that compare with
+the current time take ``now=``.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
+import math
 import os
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from typing import Any
 
 from . import codec
 from .explain import differences
 from .store import Entry, SQLiteStore, Store, StoreError, Where
+from .store.sqlite import APPLICATION_ID, FILENAME
 
-__all__ = ["Filter", "export", "find", "import_", "label", "preview", "prune", "verify"]
+__all__ = ["Filter", "NotAnExportError", "check_export", "count", "description", "export", "find", "import_", "jsonable", "label",
+           "location", "opened", "preview", "prune", "verify"]  # fmt: skip
 
 _EXPORT_BATCH = 500
+
+
+def _clock() -> float:
+    """The current time, as the functions here see it when not given ``now`` (tests set it)."""
+    return time.time()
 
 
 @dataclass
@@ -35,14 +48,16 @@ class Filter:
     doc_id: str | None = None
     older_than: float | None = None  # seconds
 
-    def where(self, store: Store) -> Where:
+    def where(self, store: Store, *, now: float | None = None) -> Where:
+        """The store filter; ``older_than`` counts back from ``now`` (default: the current time)."""
         models = None
         if self.model is not None:
             models = tuple(
                 digest for digest, description in store.models().items()
                 if digest.startswith(self.model) or self.model in description
             )  # fmt: skip
-        created_before = None if self.older_than is None else time.time() - self.older_than
+        now = _clock() if now is None else now
+        created_before = None if self.older_than is None else now - self.older_than
         return Where(models=models, task=self.task, method=self.method, doc_id=self.doc_id,
                      created_before=created_before)  # fmt: skip
 
@@ -52,24 +67,46 @@ class Filter:
 
 
 def label(store: Store) -> Callable[[str], str]:
-    """A function naming a model identity digest for people (its model_id, or class and checkpoint)."""
-    names = {}
-    for digest, description in store.models().items():
-        try:
-            d = json.loads(description)
-        except ValueError:
-            d = {}
-        if isinstance(d.get("label"), str):
-            names[digest] = d["label"]
-        elif "model_id" in d:
-            names[digest] = str(d["model_id"])
-        else:
-            cls = str(d.get("class", "?")).rsplit(".", 1)[-1]
-            ckpt = [c.get("name_or_path") for c in d.get("checkpoints", ())]
-            hint = [v for k, v in d.get("settings", {}).items()
-                    if isinstance(v, str) and any(h in k for h in ("pretrained", "model", "checkpoint"))]  # fmt: skip
-            names[digest] = f"{cls}({(ckpt + hint)[0]})" if ckpt + hint else cls
+    """A function naming a model identity digest for people.
+
+    The name is the description's own ``"label"`` when it has one, else its ``model_id``,
+    else its class and checkpoint (``HFLM(/ckpt)``). Identities whose names collide get the
+    start of their digest appended (``HFLM(/ckpt)#1a2b3c4d``), so two rows never look alike.
+    """
+    base = {digest: _label_of(description) for digest, description in store.models().items()}
+    taken = collections.Counter(base.values())
+    names = {digest: f"{name}#{digest[:8]}" if taken[name] > 1 else name for digest, name in base.items()}
     return lambda digest: names.get(digest, digest[:12])
+
+
+def _label_of(description: str) -> str:
+    try:
+        d = json.loads(description)
+    except ValueError:
+        d = None
+    if not isinstance(d, dict):
+        return "?"
+    if isinstance(d.get("label"), str) and d["label"]:
+        return str(d["label"])
+    if "model_id" in d:
+        return str(d["model_id"])
+    cls = str(d.get("class", "?")).rsplit(".", 1)[-1]
+    ckpt = [c.get("name_or_path") for c in d.get("checkpoints", ()) if isinstance(c, dict)]
+    hint = [v for k, v in (d.get("settings") or {}).items()
+            if isinstance(v, str) and any(h in k for h in ("pretrained", "model", "checkpoint"))]  # fmt: skip
+    found = [str(c) for c in ckpt + hint if c]
+    return f"{cls}({found[0]})" if found else cls
+
+
+def description(store: Store, digest: str) -> Any:
+    """A model identity's description as a JSON value (the text itself if it is not JSON)."""
+    text = store.models().get(digest)
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def preview(entry: Entry, width: int = 60) -> str:
@@ -82,6 +119,23 @@ def preview(entry: Entry, width: int = 60) -> str:
     shown = text if isinstance(text, str) else repr(text)
     shown = " ".join(shown.split())
     return shown if len(shown) <= width else shown[: width - 1] + "…"
+
+
+def jsonable(value: Any) -> Any:
+    """A response as a JSON value: strings, finite numbers, booleans and None as they are;
+    lists and tuples as lists; mappings with string keys as objects; a dataclass (lmms-eval's
+    ``GenerationResult``) as an object of its fields; anything else as its ``repr``."""
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {k: jsonable(v) for k, v in value.items()}
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: jsonable(getattr(value, f.name)) for f in fields(value)}
+    return repr(value)
 
 
 def find(store: Store, key_prefix: str) -> Entry:
@@ -104,6 +158,13 @@ def find(store: Store, key_prefix: str) -> Entry:
     return whole
 
 
+def count(store: Store, where: Where | None = None) -> int:
+    """How many entries ``where`` selects (all by default)."""
+    if where is None or where == Where():
+        return int(store.stats()["entries"])
+    return sum(1 for _ in store.scan(where, values=False))
+
+
 def explain_document(store: Store, task: str, doc_id: str, method: str | None = None) -> list[dict[str, Any]]:
     """The stored entries of one document, most recent first, each with what changed from
     it to the most recent one of the same method (``old → new``, in time order)."""
@@ -112,8 +173,9 @@ def explain_document(store: Store, task: str, doc_id: str, method: str | None = 
     for entry in store.scan(Where(task=task, doc_id=doc_id, method=method), values=False, recent_first=True):
         comps = json.loads(entry.components) if entry.components else {}
         base = newest.setdefault(entry.method, comps)
-        out.append({"key": entry.key.hex(), "method": entry.method, "model": entry.model,
-                    "created_at": entry.created_at,
+        out.append({"key": entry.key.hex(), "method": entry.method, "model": entry.model, "task": entry.task,
+                    "split": entry.split, "doc_id": entry.doc_id, "created_at": entry.created_at,
+                    "used_at": entry.used_at,
                     "differs": differences(base, comps) if base is not comps else []})  # fmt: skip
     return out
 
@@ -132,17 +194,23 @@ def verify(store: Store, *, drop: bool = False, progress: Callable[[int], None] 
     return bad
 
 
-def prune(store: Store, *, max_size: int | None = None, older_than: float | None = None) -> tuple[int, int]:
-    """Delete entries older than ``older_than`` seconds, then the least recently used until
-    the values total at most ``max_size`` bytes; give the space back. Returns (entries, bytes)."""
+def prune(store: Store, *, max_size: int | None = None, older_than: float | None = None,
+          now: float | None = None) -> tuple[int, int]:  # fmt: skip
+    """Delete entries created more than ``older_than`` seconds before ``now`` (default: the
+    current time), then the least recently used until the values total at most ``max_size``
+    bytes; give the space back. Returns (entries, bytes)."""
     before = store.stats()
     if older_than is not None:
-        store.delete_where(Where(created_before=time.time() - older_than))
+        store.delete_where(Where(created_before=(_clock() if now is None else now) - older_than))
     if max_size is not None:
         store.evict(max_size)
     store.compact()
     after = store.stats()
     return before["entries"] - after["entries"], before["bytes"] - after["bytes"]
+
+
+class NotAnExportError(ValueError):
+    """A file given to :func:`import_` that is not an lmms-cache export (nor cache)."""
 
 
 def _export_store(path: str) -> SQLiteStore:
@@ -153,7 +221,8 @@ def _export_store(path: str) -> SQLiteStore:
 def export(store: Store, path: str, where: Where | None = None,
            progress: Callable[[int], None] | None = None) -> int:  # fmt: skip
     """Write the entries ``where`` selects (all by default) to a portable file (an SQLite
-    cache file of one's own, readable by :func:`import_`). Returns how many."""
+    cache file of one's own with a rollback journal: one self-contained file, readable by
+    :func:`import_`). Returns how many. A failed export leaves no file behind."""
     if os.path.exists(path):
         raise FileExistsError(f"{path} exists; not overwriting it")
     out = _export_store(path)
@@ -171,37 +240,71 @@ def export(store: Store, path: str, where: Where | None = None,
             if digest in models:
                 out.remember_model(digest, models[digest])
         out.compact()
-    finally:
         out.close()
+        # A WAL file needs -wal and -shm files beside it whenever it is opened, even to read.
+        conn = sqlite3.connect(path)
+        try:
+            conn.execute("PRAGMA journal_mode = DELETE")
+        finally:
+            conn.close()
+    except BaseException:
+        out.close()
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            with contextlib.suppress(OSError):
+                os.remove(path + suffix)
+        raise
     return written
 
 
-def import_(store: Store, path: str, *, trust: bool = False,
-            progress: Callable[[int], None] | None = None) -> dict[str, int]:  # fmt: skip
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def check_export(path: str) -> None:
+    """Raise :class:`NotAnExportError` unless ``path`` is an lmms-cache SQLite file
+    (read from its header: nothing is opened, nothing created beside it)."""
+    with open(path, "rb") as f:
+        header = f.read(100)
+    if not header:
+        why = "it is empty"
+    elif len(header) < 100 or not header.startswith(_SQLITE_MAGIC):
+        why = "it is not an SQLite database"
+    elif int.from_bytes(header[68:72], "big") != APPLICATION_ID:
+        why = "it is an SQLite database of another program"
+    else:
+        return
+    raise NotAnExportError(f"{path} is not an lmms-cache export ({why})")
+
+
+def import_(store: Store, path: str, *, trust: bool = False, progress: Callable[[int], None] | None = None,
+            now: float | None = None) -> dict[str, int]:  # fmt: skip
     """Merge the entries of an export file into ``store``: an entry whose key is already
     there keeps the existing value and is counted as a conflict; a damaged value is skipped.
+    Imported entries start with no hits, last used ``now`` (default: the current time), as
+    if just written; their creation time (what ``--older-than`` and expiry read) is kept.
 
     ``trust`` accepts a file owned by another user (its values are pickles).
     Returns counts: ``added``, ``conflicts``, ``damaged``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        NotAnExportError: the file is not an lmms-cache export.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(path)
-    directory, filename = os.path.split(os.path.abspath(path))
-    source = SQLiteStore(directory, filename=filename, readonly=True, trust=trust)
+    check_export(path)
+    now = _clock() if now is None else now
     counts = {"added": 0, "conflicts": 0, "damaged": 0}
-    try:
+    with opened(path, readonly=True, trust=trust) as source:
         for digest, description in source.models().items():
             store.remember_model(digest, description)
         for batch in _batches(source.scan()):
-            good = [e for e in batch if codec.verify(e.value)]
+            good = [e._replace(hits=0, used_at=now) for e in batch if codec.verify(e.value)]
             counts["damaged"] += len(batch) - len(good)
             added = store.put_many(good, replace=False)
             counts["added"] += added
             counts["conflicts"] += len(good) - added
             if progress is not None:
                 progress(len(batch))
-    finally:
-        source.close()
     return counts
 
 
@@ -216,11 +319,62 @@ def _batches(entries: Iterator[Entry]) -> Iterator[list[Entry]]:
         yield batch
 
 
-def open_for_cli(path: str | None, *, readonly: bool, trust: bool = False) -> Store:
-    """Open a cache for a management command (never creating one where there is none)."""
-    from .store import default_location, open_store
+def location(path: str | os.PathLike[str] | None) -> tuple[str, str]:
+    """(directory, file name) of a cache given as its directory (holding ``cache.db``) or as
+    the database file itself (``runs/cache/cache.db``, an export file); None: the default."""
+    from .store import default_location
 
-    location = path if path is not None else default_location()
-    if not os.path.exists(os.path.join(location, "cache.db")):
-        raise StoreError(f"no cache at {os.path.join(os.path.abspath(location), 'cache.db')}")
-    return open_store(location, readonly=readonly, trust=trust)
+    where = os.path.abspath(os.path.expanduser(os.fspath(path) if path is not None else default_location()))
+    if os.path.isfile(where):
+        directory, filename = os.path.split(where)
+        return directory, filename
+    return where, FILENAME
+
+
+@contextlib.contextmanager
+def opened(path: str | os.PathLike[str] | None, *, readonly: bool, trust: bool = False,
+           create: bool = False) -> Iterator[Store]:  # fmt: skip
+    """The cache at ``path`` (see :func:`location`), open for the duration of a ``with``.
+
+    Never creates a cache unless ``create``. Reading leaves no trace: SQLite creates the
+    ``-wal`` and ``-shm`` files of a WAL database even to read it, and a read-only connection
+    cannot remove them; when there were none before, they are removed on the way out (by a
+    brief read-write open, which SQLite's last connection closes and cleans up; a file that
+    another process has open keeps them).
+
+    Raises:
+        StoreError: no cache there, or one that cannot be opened.
+    """
+    directory, filename = location(path)
+    db = os.path.join(directory, filename)
+    if not create and not os.path.exists(db):
+        raise StoreError(f"no cache at {db}")
+    untouched = readonly and not any(os.path.exists(db + s) for s in ("-wal", "-shm"))
+    store = None
+    try:
+        store = SQLiteStore(directory, filename=filename, readonly=readonly, trust=trust)
+        yield store
+    finally:
+        if store is not None:
+            store.close()
+        if untouched and any(os.path.exists(db + s) for s in ("-wal", "-shm")):
+            _tidy(db)
+
+
+def _tidy(db: str) -> None:
+    with contextlib.suppress(sqlite3.Error, OSError):
+        conn = sqlite3.connect(db, timeout=1.0)
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        finally:
+            conn.close()
+
+
+def open_for_cli(path: str | None, *, readonly: bool, trust: bool = False) -> Store:
+    """Open a cache for a management command (never creating one where there is none).
+    Prefer :func:`opened`, which also leaves no ``-wal``/``-shm`` files behind a read."""
+    directory, filename = location(path)
+    db = os.path.join(directory, filename)
+    if not os.path.exists(db):
+        raise StoreError(f"no cache at {db}")
+    return SQLiteStore(directory, filename=filename, readonly=readonly, trust=trust)
