@@ -279,6 +279,73 @@ def test_sqlite_location_that_cannot_be_created_is_store_error(tmp_path: Path) -
         SQLiteStore(str(tmp_path / "file" / "c"))
 
 
+# -- SQLite: opening a current cache writes nothing ------------------------------------------
+
+
+def files(directory: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file of a cache directory: its bytes and modification time."""
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(directory.iterdir())}
+
+
+@pytest.fixture
+def current(tmp_path: Path) -> Path:
+    """A cache directory of the current schema holding entries, its writer closed."""
+    store = SQLiteStore(str(tmp_path / "c"))
+    store.put_many([entry(i) for i in range(50)])
+    store.remember_model("m1", "{}")
+    store.close()
+    return tmp_path / "c"
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_sqlite_opening_a_current_cache_and_reading_writes_nothing(current: Path, durable: bool) -> None:
+    before = files(current)
+    assert list(before) == ["cache.db"]  # the last connection to close removed -wal and -shm
+    store = SQLiteStore(str(current), durable=durable)
+    try:
+        assert len(store.get_many([key(i) for i in range(50)])) == 50
+        assert store.stats()["entries"] == 50
+        assert len(list(store.scan(Where(doc_id="7")))) == 1
+    finally:
+        store.close()
+    # While open, SQLite kept an empty -wal and a -shm (the WAL index); closing removed both.
+    assert files(current) == before  # same bytes, same mtime
+
+
+def test_sqlite_opening_a_current_cache_leaves_a_live_writers_wal_alone(current: Path) -> None:
+    writer = SQLiteStore(str(current))
+    try:
+        writer.put_many([entry(100)])  # committed, in the WAL: the writer is still open
+        db, wal = current / "cache.db", current / "cache.db-wal"
+        before = (db.read_bytes(), db.stat().st_mtime_ns, wal.read_bytes())
+        assert len(before[2]) > 0
+        reader = SQLiteStore(str(current))
+        try:
+            assert (reader.get_many([key(100)])) == {key(100): entry(100).value}
+        finally:
+            reader.close()
+        assert (db.read_bytes(), db.stat().st_mtime_ns, wal.read_bytes()) == before
+        writer.put_many([entry(101)])
+    finally:
+        writer.close()
+
+
+def test_sqlite_opening_a_current_cache_does_not_wait_for_a_writer(current: Path) -> None:
+    """A rank opening the cache while another holds the write lock reads at once (WAL)."""
+    holder = sqlite3.connect(current / "cache.db", isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        holder.execute("UPDATE entries SET hits = hits + 1")
+        store = SQLiteStore(str(current), timeout=0.2)  # any write at open would fail: locked
+        try:
+            assert len(store.get_many([key(i) for i in range(50)])) == 50
+        finally:
+            store.close()
+        holder.execute("ROLLBACK")
+    finally:
+        holder.close()
+
+
 # -- SQLite: files that are not (or no longer) our cache -------------------------------------
 
 

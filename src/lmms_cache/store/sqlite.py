@@ -14,6 +14,9 @@ Why these settings:
   suits values larger than a few hundred bytes better than ``WITHOUT ROWID``.
 * WAL needs shared memory that network file systems do not provide: on one, the store
   warns and uses a rollback journal.
+* Opening a file of the current schema only reads (no ``auto_vacuum``, no write
+  transaction): a rank opening a busy cache neither waits for its writers nor adds to its
+  WAL. Only a new file is set up, in one transaction.
 """
 
 from __future__ import annotations
@@ -210,7 +213,7 @@ class SQLiteStore(Store):
         )
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self._timeout * 1000)}")
-            self._check_ours(conn)
+            version = self._check_ours(conn)
             fs = network_filesystem(self.directory)
             if fs:
                 log.warning(
@@ -223,12 +226,15 @@ class SQLiteStore(Store):
                 journal = "DELETE"
             else:
                 journal = "WAL"
-            # Only an empty file takes auto_vacuum, and only before the journal mode writes
-            # the header; it lets compact() return freed pages without rewriting the file.
-            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
-            self._set_journal_mode(conn, journal)
-            conn.execute(f"PRAGMA synchronous = {'FULL' if self._durable else 'NORMAL'}")
-            self._create_schema(conn)
+            if version == 0:
+                # Only an empty file takes auto_vacuum, and only before the journal mode
+                # writes the header; it lets compact() return freed pages without rewriting
+                # the file. (On any other file setting it writes a page: not on every open.)
+                conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            self._set_journal_mode(conn, journal)  # a read when the file has it already
+            conn.execute(f"PRAGMA synchronous = {'FULL' if self._durable else 'NORMAL'}")  # per connection
+            if version < SCHEMA_VERSION:
+                self._create_schema(conn)
         except BaseException:
             conn.close()
             raise
@@ -289,7 +295,9 @@ class SQLiteStore(Store):
                 "or --trust on the command line) to use it."
             )
 
-    def _check_ours(self, conn: sqlite3.Connection) -> None:
+    def _check_ours(self, conn: sqlite3.Connection) -> int:
+        """The file's schema version (0: a new, empty file), after checking it is ours and
+        not newer than this code. Reads only."""
         # One read transaction: another process may be creating the schema right now, and
         # its tables must not be seen without its application_id.
         conn.execute("BEGIN")
@@ -311,8 +319,11 @@ class SQLiteStore(Store):
             raise StoreError(
                 f"{self.path} was written by a newer lmms-cache (schema {version}); upgrade"
             )
+        return int(version)
 
     def _create_schema(self, conn: sqlite3.Connection) -> None:
+        """Create the schema of a new file in one transaction, which whoever gets the write
+        lock first does (the ranks of a node open together)."""
         conn.execute("BEGIN IMMEDIATE")
         try:
             if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
