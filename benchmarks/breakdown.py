@@ -122,8 +122,8 @@ def hit_breakdown(title: str, loaded: workloads.Loaded, reqs: list[Any], root: s
         row("    xxh3-128 of the key material", per_request(lambda: [digest_bytes(m) for m in material], n), total)
         row("    is_sampling()", per_request(lambda: [is_sampling(v.gen_kwargs, v.repeats) for v in views], n), total)
     row("  store.get_many() (one round trip per 900 keys)", per_request(lambda: store.get_many(keys), n), total)
-    row("  codec.decode() of each value", per_request(lambda: [codec.decode(b) for b in blobs.values()], n), total)
-    found = {k: codec.decode(b) for k, b in blobs.items()}
+    row("  codec.decode() of each value", per_request(lambda: [codec.decode(b.value) for b in blobs.values()], n), total)
+    found = {k: codec.decode(b.value) for k, b in blobs.items()}
     rks = kb.keys(method, reqs, count=False)
     row("  hit bookkeeping (record_hits)", per_request(lambda: lm._self_cache.record_hits(rks, found), n), total)
     lm.cache_close()

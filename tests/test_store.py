@@ -14,7 +14,7 @@ import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -24,6 +24,7 @@ from lmms_cache.store import (
     NullStore,
     SQLiteStore,
     Store,
+    Stored,
     StoreError,
     Where,
     default_location,
@@ -41,6 +42,11 @@ BACKENDS: dict[str, Callable[[Path], Store]] = {
 
 def key(i: int) -> bytes:
     return i.to_bytes(16, "big")
+
+
+def values(found: Mapping[bytes, Stored]) -> dict[bytes, bytes]:
+    """The values of a lookup's answer."""
+    return {k: s.value for k, s in found.items()}
 
 
 def entry(i: int, value: bytes | None = None, **fields: object) -> Entry:
@@ -84,7 +90,7 @@ def test_many_keys_round_trip_across_lookup_chunks(store: Store) -> None:
     entries = [entry(i) for i in range(2000)]  # more than twice the 900-key chunk
     store.put_many(entries)
     wanted = [key(i) for i in range(-50, 2050) if i >= 0] + [key(10**6 + i) for i in range(50)]
-    assert store.get_many(wanted) == {e.key: e.value for e in entries}
+    assert values(store.get_many(wanted)) == {e.key: e.value for e in entries}
 
 
 def test_put_many_of_nothing_is_a_no_op(store: Store) -> None:
@@ -95,7 +101,7 @@ def test_put_many_of_nothing_is_a_no_op(store: Store) -> None:
 def test_put_overwrites_an_existing_key(store: Store) -> None:
     store.put_many([entry(1, b"old", model="m1")])
     store.put_many([entry(1, b"newer value", model="m2", model_seconds=2.5)])
-    assert store.get_many([key(1)]) == {key(1): b"newer value"}
+    assert values(store.get_many([key(1)])) == {key(1): b"newer value"}
     (stored,) = list(store.scan())
     assert (stored.model, stored.model_seconds) == ("m2", 2.5)
     assert store.stats()["entries"] == 1
@@ -104,7 +110,7 @@ def test_put_overwrites_an_existing_key(store: Store) -> None:
 
 def test_same_key_twice_in_one_batch_keeps_the_last(store: Store) -> None:
     store.put_many([entry(1, b"first"), entry(1, b"second")])
-    assert store.get_many([key(1)]) == {key(1): b"second"}
+    assert values(store.get_many([key(1)])) == {key(1): b"second"}
     assert store.stats()["entries"] == 1
 
 
@@ -112,7 +118,7 @@ def test_delete_returns_how_many_were_there(store: Store) -> None:
     store.put_many([entry(i) for i in range(1500)])
     assert store.delete([key(i) for i in range(1000)] + [key(99_999)]) == 1000
     assert store.delete([key(0)]) == 0
-    assert store.get_many([key(0), key(999), key(1000)]) == {key(1000): entry(1000).value}
+    assert values(store.get_many([key(0), key(999), key(1000)])) == {key(1000): entry(1000).value}
     assert store.stats()["entries"] == 500
 
 
@@ -131,11 +137,13 @@ def test_delete_where_removes_exactly_the_matching_entries(store: Store) -> None
 
 
 def test_scan_yields_every_entry_with_its_metadata(store: Store) -> None:
-    entries = [entry(i, task=f"task{i % 3}", doc_id=str(i), created_at=1000.0 + i, model_seconds=i / 10,
-                     used_at=1000.0 + i, raw_size=i, components='{"context": "ab"}')
+    entries = [entry(i, task=f"task{i % 3}", doc_id=str(i) if i % 2 else i, created_at=1000.0 + i,
+                     model_seconds=i / 10, used_at=1000.0 + i, raw_size=i, components='{"context": "ab"}',
+                     key_schema=f"lmms-cache/key/{1 + i % 2}", deps=b"deps %d" % i if i % 3 else None,
+                     origin=f"uid:{i}@machine", signature=os.urandom(32))
                for i in range(600)]  # fmt: skip
     entries.append(entry(10_000, method="loglikelihood", task=None, split=None, doc_id=None, created_at=5.0,
-                         used_at=5.0))  # fmt: skip
+                         used_at=5.0, key_schema="lmms-cache/key/2"))  # fmt: skip
     store.put_many(entries)
     assert sorted(store.scan(), key=lambda e: e.key) == sorted(entries, key=lambda e: e.key)
 
@@ -177,7 +185,7 @@ def test_remember_model_is_idempotent(store: Store) -> None:
     store.remember_model("abc123", '{"class": "Fake"}')
     store.remember_model("abc123", '{"class": "Fake"}')
     store.remember_model("abc123", '{"class": "Other"}')
-    assert store.get_many([key(1)]) == {key(1): entry(1).value}
+    assert values(store.get_many([key(1)])) == {key(1): entry(1).value}
     assert store.stats()["entries"] == 1
 
 
@@ -185,9 +193,9 @@ def test_entries_survive_close_and_reopen(open_backend: Callable[[], Store]) -> 
     first = open_backend()
     first.put_many([entry(1)])
     first.close()
-    assert first.get_many([key(1)]) == {key(1): entry(1).value}  # reopens on next use
+    assert values(first.get_many([key(1)])) == {key(1): entry(1).value}  # reopens on next use
     first.close()
-    assert open_backend().get_many([key(1)]) == {key(1): entry(1).value}
+    assert values(open_backend().get_many([key(1)])) == {key(1): entry(1).value}
 
 
 def test_a_store_is_usable_from_several_threads(store: Store) -> None:
@@ -197,7 +205,7 @@ def test_a_store_is_usable_from_several_threads(store: Store) -> None:
         try:
             for i in range(offset, offset + 50):
                 store.put_many([entry(i)])
-                assert store.get_many([key(i)]) == {key(i): entry(i).value}
+                assert values(store.get_many([key(i)])) == {key(i): entry(i).value}
         except BaseException as exc:
             errors.append(exc)
 
@@ -279,6 +287,73 @@ def test_sqlite_location_that_cannot_be_created_is_store_error(tmp_path: Path) -
         SQLiteStore(str(tmp_path / "file" / "c"))
 
 
+# -- SQLite: opening a current cache writes nothing ------------------------------------------
+
+
+def files(directory: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file of a cache directory: its bytes and modification time."""
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(directory.iterdir())}
+
+
+@pytest.fixture
+def current(tmp_path: Path) -> Path:
+    """A cache directory of the current schema holding entries, its writer closed."""
+    store = SQLiteStore(str(tmp_path / "c"))
+    store.put_many([entry(i) for i in range(50)])
+    store.remember_model("m1", "{}")
+    store.close()
+    return tmp_path / "c"
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_sqlite_opening_a_current_cache_and_reading_writes_nothing(current: Path, durable: bool) -> None:
+    before = files(current)
+    assert list(before) == ["cache.db"]  # the last connection to close removed -wal and -shm
+    store = SQLiteStore(str(current), durable=durable)
+    try:
+        assert len(store.get_many([key(i) for i in range(50)])) == 50
+        assert store.stats()["entries"] == 50
+        assert len(list(store.scan(Where(doc_id="7")))) == 1
+    finally:
+        store.close()
+    # While open, SQLite kept an empty -wal and a -shm (the WAL index); closing removed both.
+    assert files(current) == before  # same bytes, same mtime
+
+
+def test_sqlite_opening_a_current_cache_leaves_a_live_writers_wal_alone(current: Path) -> None:
+    writer = SQLiteStore(str(current))
+    try:
+        writer.put_many([entry(100)])  # committed, in the WAL: the writer is still open
+        db, wal = current / "cache.db", current / "cache.db-wal"
+        before = (db.read_bytes(), db.stat().st_mtime_ns, wal.read_bytes())
+        assert len(before[2]) > 0
+        reader = SQLiteStore(str(current))
+        try:
+            assert values(reader.get_many([key(100)])) == {key(100): entry(100).value}
+        finally:
+            reader.close()
+        assert (db.read_bytes(), db.stat().st_mtime_ns, wal.read_bytes()) == before
+        writer.put_many([entry(101)])
+    finally:
+        writer.close()
+
+
+def test_sqlite_opening_a_current_cache_does_not_wait_for_a_writer(current: Path) -> None:
+    """A rank opening the cache while another holds the write lock reads at once (WAL)."""
+    holder = sqlite3.connect(current / "cache.db", isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        holder.execute("UPDATE entries SET hits = hits + 1")
+        store = SQLiteStore(str(current), timeout=0.2)  # any write at open would fail: locked
+        try:
+            assert len(store.get_many([key(i) for i in range(50)])) == 50
+        finally:
+            store.close()
+        holder.execute("ROLLBACK")
+    finally:
+        holder.close()
+
+
 # -- SQLite: files that are not (or no longer) our cache -------------------------------------
 
 
@@ -318,7 +393,7 @@ def test_sqlite_sets_a_damaged_file_aside_and_starts_fresh(tmp_path: Path, caplo
         assert aside[0].read_bytes() == garbage
         assert any("damaged" in r.getMessage() and aside[0].name in r.getMessage() for r in caplog.records)
         store.put_many([entry(1)])
-        assert store.get_many([key(1)]) == {key(1): entry(1).value}
+        assert values(store.get_many([key(1)])) == {key(1): entry(1).value}
     finally:
         store.close()
 
@@ -378,7 +453,7 @@ def test_sqlite_readonly_reads_and_never_writes(written: Path) -> None:
     store = open_store(written, readonly=True)
     try:
         assert store.readonly
-        assert store.get_many([key(1)]) == {key(1): entry(1).value}
+        assert values(store.get_many([key(1)])) == {key(1): entry(1).value}
         assert store.file_digest("/a", (1,)) == b"d" * 16
         with pytest.raises(StoreError, match="read-only"):
             store.put_many([entry(2)])
@@ -400,7 +475,7 @@ def test_sqlite_readonly_sees_a_live_writers_later_commits(written: Path) -> Non
     try:
         assert reader.get_many([key(2)]) == {}
         writer.put_many([entry(2)])
-        assert reader.get_many([key(2)]) == {key(2): entry(2).value}
+        assert values(reader.get_many([key(2)])) == {key(2): entry(2).value}
     finally:
         reader.close()
         writer.close()
@@ -421,7 +496,7 @@ def test_sqlite_readonly_falls_back_to_immutable_when_the_wal_index_cannot_be_ma
     monkeypatch.setattr(sqlite_backend.sqlite3, "connect", connect)
     store = SQLiteStore(str(written), readonly=True)
     try:
-        assert store.get_many([key(1)]) == {key(1): entry(1).value}
+        assert values(store.get_many([key(1)])) == {key(1): entry(1).value}
     finally:
         store.close()
     assert "immutable=1" in uris[-1]
@@ -452,7 +527,7 @@ except OSError:
 else:
     sys.exit("the bind mount is writable")
 store = open_store(directory, readonly=True)
-value = store.get_many([(1).to_bytes(16, "big")])[(1).to_bytes(16, "big")]
+value = store.get_many([(1).to_bytes(16, "big")])[(1).to_bytes(16, "big")].value
 store.close()
 print(value.decode())
 """
@@ -488,11 +563,11 @@ def test_sqlite_full_disk_is_store_error_and_reads_still_work(tmp_path: Path) ->
         conn.execute(f"PRAGMA max_page_count = {pages}")
         with pytest.raises(StoreError, match="full"):
             store.put_many([entry(i, os.urandom(4000)) for i in range(2, 30)])
-        assert store.get_many([key(1), key(2)]) == {key(1): entry(1).value}  # all or nothing
+        assert values(store.get_many([key(1), key(2)])) == {key(1): entry(1).value}  # all or nothing
         assert store.stats()["entries"] == 1
         conn.execute("PRAGMA max_page_count = 1073741823")  # space freed
         store.put_many([entry(2)])
-        assert store.get_many([key(2)]) == {key(2): entry(2).value}
+        assert values(store.get_many([key(2)])) == {key(2): entry(2).value}
     finally:
         store.close()
 
@@ -519,9 +594,9 @@ def test_sqlite_forked_child_uses_its_own_connection_and_parent_keeps_working(tm
         child.start()
         outcome = results.get(timeout=60)
         child.join(60)
-        assert outcome == ({key(1): entry(1).value}, True)
+        assert outcome == ({key(1): Stored(entry(1).value, None, None, None)}, True)
         assert child.exitcode == 0
-        assert store.get_many([key(2)]) == {key(2): entry(2).value}
+        assert values(store.get_many([key(2)])) == {key(2): entry(2).value}
         store.put_many([entry(3)])
         assert store.stats()["entries"] == 3
     finally:
@@ -593,7 +668,7 @@ def test_sqlite_store_survives_pickling(tmp_path: Path) -> None:
         copy = pickle.loads(pickle.dumps(store))
         try:
             assert copy.path == store.path
-            assert copy.get_many([key(1)]) == {key(1): entry(1).value}
+            assert values(copy.get_many([key(1)])) == {key(1): entry(1).value}
             assert pragma(copy._conn(), "synchronous") == 1
         finally:
             copy.close()
@@ -634,7 +709,7 @@ def test_sqlite_on_a_network_filesystem_uses_a_rollback_journal(
         assert pragma(store._conn(), "journal_mode") == "delete"
         assert any("network file system (nfs)" in r.getMessage() for r in caplog.records)
         store.put_many([entry(1)])
-        assert store.get_many([key(1)]) == {key(1): entry(1).value}
+        assert values(store.get_many([key(1)])) == {key(1): entry(1).value}
     finally:
         store.close()
 
@@ -698,13 +773,13 @@ def test_evict_removes_least_recently_used_until_under_the_limit(store: Store) -
 
 def test_get_many_can_ignore_entries_older_than_a_time(store: Store) -> None:
     store.put_many([entry(1, created_at=100.0), entry(2, created_at=300.0)])
-    assert set(store.get_many([key(1), key(2)], created_after=200.0)) == {key(2)}
+    assert set(values(store.get_many([key(1), key(2)], created_after=200.0))) == {key(2)}
 
 
 def test_put_without_replace_keeps_existing_values_and_counts_new_ones(store: Store) -> None:
     store.put_many([entry(1, b"kept")])
     assert store.put_many([entry(1, b"other"), entry(2, b"new")], replace=False) == 1
-    assert store.get_many([key(1), key(2)]) == {key(1): b"kept", key(2): b"new"}
+    assert values(store.get_many([key(1), key(2)])) == {key(1): b"kept", key(2): b"new"}
 
 
 def test_totals_follow_inserts_overwrites_and_deletes(store: Store) -> None:

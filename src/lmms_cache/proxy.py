@@ -753,7 +753,7 @@ class _Cache:
         found = {}
         for key, blob in blobs.items():
             try:
-                found[key] = codec.decode(blob)
+                found[key] = codec.decode(blob.value)
             except codec.CodecError as exc:
                 self.warn(
                     "decode",

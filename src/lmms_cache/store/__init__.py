@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 
-from .base import Entry, NullStore, Store, StoreError, Where
+from .base import LEGACY_KEY_SCHEMA, Entry, NullStore, Store, Stored, StoreError, Where
 from .sqlite import SQLiteStore
 
-__all__ = ["Entry", "NullStore", "SQLiteStore", "Store", "StoreError", "Where", "default_location", "open_store"]
+__all__ = ["LEGACY_KEY_SCHEMA", "Entry", "NullStore", "SQLiteStore", "Store", "StoreError", "Stored", "Where",
+           "default_location", "open_store"]
 
 
 def default_location() -> str:

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import operator
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, SupportsIndex
 
-__all__ = ["Entry", "NullStore", "Store", "StoreError", "Where"]
+__all__ = ["LEGACY_KEY_SCHEMA", "Entry", "NullStore", "Store", "StoreError", "Stored", "Where", "doc_id_forms",
+           "storable_doc_id"]
+
+# The key format of every entry written before store schema 2, and of an entry whose writer
+# names none (``Entry.key_schema`` None).
+LEGACY_KEY_SCHEMA = "lmms-cache/key/1"
 
 
 class StoreError(Exception):
@@ -22,6 +29,12 @@ class Entry(NamedTuple):
 
     ``value`` is the encoded envelope (see :mod:`lmms_cache.codec`). A named tuple: every
     miss builds one, and a frozen dataclass costs several times more to construct.
+
+    ``doc_id`` keeps its type (an int stays an int, a str a str); an integer of another type
+    (numpy's) is stored as an int, anything else as its ``str()``. ``key_schema`` names the
+    key format the key was computed under (None: :data:`LEGACY_KEY_SCHEMA`). ``deps``,
+    ``origin`` and ``signature`` are opaque to the store: the proxy's dependencies checked
+    on a hit, who wrote the entry, and an HMAC.
     """
 
     key: bytes
@@ -30,7 +43,7 @@ class Entry(NamedTuple):
     method: str
     task: str | None = None
     split: str | None = None
-    doc_id: str | None = None
+    doc_id: int | str | None = None
     created_at: float = 0.0
     model_seconds: float = 0.0
     raw_size: int = 0  # the value's payload before compression (0: not known)
@@ -38,32 +51,86 @@ class Entry(NamedTuple):
     hits: int = 0
     used_at: float = 0.0  # the last hit, else the creation: what LRU eviction orders by
     prompt: str | None = None  # prompt digest of a request without a document: explains its misses
+    key_schema: str | None = None
+    deps: bytes | None = None
+    origin: str | None = None
+    signature: bytes | None = None
 
     @property
     def size(self) -> int:
         return len(self.value)
 
 
+class Stored(NamedTuple):
+    """What a lookup returns of a present key: the value and what the proxy checks on a hit."""
+
+    value: bytes
+    deps: bytes | None
+    origin: str | None
+    signature: bytes | None
+
+
+_INT64 = (-(2**63), 2**63 - 1)  # what SQLite's INTEGER holds
+_CANONICAL_INT = re.compile(r"0|-?[1-9][0-9]{0,18}")  # str(int(s)) == s: ASCII, no sign of 0
+
+
+def doc_id_forms(doc_id: object) -> tuple[int | str, ...]:
+    """The stored values a document id given as ``doc_id`` matches: ``"17"`` and ``17`` match
+    each other (a command line passes text; a harness's ids are ints). Only the canonical
+    decimal form counts: ``"017"`` and ``" 17"`` match themselves only."""
+    if isinstance(doc_id, str):
+        if _CANONICAL_INT.fullmatch(doc_id) and _INT64[0] <= int(doc_id) <= _INT64[1]:
+            return (doc_id, int(doc_id))
+        return (doc_id,)
+    stored = storable_doc_id(doc_id)
+    if stored is None:
+        return ()
+    return (stored, str(stored)) if isinstance(stored, int) else (stored,)
+
+
+def storable_doc_id(doc_id: object) -> int | str | None:
+    """``doc_id`` as the store keeps it: None, a str, an int in SQLite's 64-bit range, or
+    else its text (a bigger int, or a value of another type)."""
+    if doc_id is None or type(doc_id) is str:
+        return doc_id
+    if type(doc_id) is int:
+        n = doc_id
+    elif isinstance(doc_id, SupportsIndex):  # numpy's integers
+        n = operator.index(doc_id)
+    else:
+        return str(doc_id)
+    return n if _INT64[0] <= n <= _INT64[1] else str(n)
+
+
 @dataclass(frozen=True)
 class Where:
     """A filter over entries: every given field must match (nothing given: everything).
 
-    ``models`` are model identity digests; ``created_before`` is a Unix time.
+    ``models`` are model identity digests; ``created_before`` is a Unix time. ``doc_id``
+    matches the stored id as an int or as text (``"17"`` finds 17 and ``"17"``; see
+    :func:`doc_id_forms`). ``key_schema`` selects the entries written under that key schema;
+    ``old_schema`` those written under any other one (what ``prune --old-schema`` deletes:
+    pass the current schema).
     """
 
     models: tuple[str, ...] | None = None
     task: str | None = None
     method: str | None = None
-    doc_id: str | None = None
+    doc_id: int | str | None = None
     created_before: float | None = None
+    key_schema: str | None = None
+    old_schema: str | None = None
 
     def matches(self, e: Entry) -> bool:
+        schema = e.key_schema or LEGACY_KEY_SCHEMA
         return (
             (self.models is None or e.model in self.models)
             and (self.task is None or e.task == self.task)
             and (self.method is None or e.method == self.method)
-            and (self.doc_id is None or e.doc_id == self.doc_id)
+            and (self.doc_id is None or storable_doc_id(e.doc_id) in doc_id_forms(self.doc_id))
             and (self.created_before is None or e.created_at < self.created_before)
+            and (self.key_schema is None or schema == self.key_schema)
+            and (self.old_schema is None or schema != self.old_schema)
         )
 
 
@@ -77,9 +144,9 @@ class Store(ABC):
     readonly: bool = False
 
     @abstractmethod
-    def get_many(self, keys: Sequence[bytes], *, created_after: float | None = None) -> dict[bytes, bytes]:
-        """The stored values of those ``keys`` that are present (and not older than
-        ``created_after``), in one round trip."""
+    def get_many(self, keys: Sequence[bytes], *, created_after: float | None = None) -> dict[bytes, Stored]:
+        """The stored values (with their deps, origin and signature) of those ``keys`` that
+        are present (and not older than ``created_after``), in one round trip."""
 
     @abstractmethod
     def put_many(self, entries: Sequence[Entry], *, replace: bool = True) -> int:
@@ -103,17 +170,19 @@ class Store(ABC):
 
     @abstractmethod
     def summary(self) -> dict[str, Any]:
-        """Totals and the same by model and by task (entries, bytes, hits, model time saved)."""
+        """Totals and the same by model and by task (entries, bytes, hits, model time saved),
+        and ``by_schema``: ``[{key_schema, entries, bytes}]``."""
 
     @abstractmethod
     def models(self) -> dict[str, str]:
         """Model identity digest -> its description (JSON without secrets)."""
 
     @abstractmethod
-    def similar(self, method: str, *, task: str | None, doc_id: str | None, prompt: str | None,
+    def similar(self, method: str, *, task: str | None, doc_id: int | str | None, prompt: str | None,
                 limit: int = 50) -> list[Entry]:  # fmt: skip
-        """Entries (metadata only) of ``method`` for the same document or the same prompt
-        digest, most recently used first: the candidates to explain a miss against."""
+        """Entries (metadata only) of ``method`` for the same document (``doc_id`` matched as
+        :class:`Where` matches it) or the same prompt digest, most recently used first: the
+        candidates to explain a miss against."""
 
     def compact(self) -> None:
         """Give the space of deleted entries back to the file system."""
@@ -146,6 +215,28 @@ class Store(ABC):
     def remember_model(self, digest: str, description: str) -> None:
         """Record what a model identity digest stands for (a JSON text without secrets)."""
 
+    # Memos: derived digests that let a hit skip decoding media. Best effort, like file
+    # digests: a store without them remembers nothing, and a read-only one keeps nothing new.
+
+    def row_digests(self, dataset: str, split: str) -> bytes | None:
+        """A dataset fingerprint's row digests: ``count`` concatenated 16-byte digests."""
+        return None
+
+    def remember_row_digests(self, dataset: str, split: str, digests: bytes) -> None:
+        """Remember (replace) a dataset split's row digests, a multiple of 16 bytes."""
+
+    def derived_many(self, function: bytes, rows: Sequence[bytes]) -> dict[bytes, tuple[bytes, bytes | None]]:
+        """Row digest -> (media digest, deps) remembered for a function fingerprint, for
+        those ``rows`` that have one."""
+        return {}
+
+    def remember_derived(self, items: Sequence[tuple[bytes, bytes, bytes, bytes | None]]) -> None:
+        """Remember (replace) ``(function, row, digest, deps)`` items."""
+
+    def forget_derived(self, function: bytes) -> int:
+        """Forget everything remembered for one function fingerprint; returns how many rows."""
+        return 0
+
     def close(self) -> None:
         """Release connections; the store reopens on next use."""
 
@@ -157,7 +248,7 @@ class NullStore(Store):
         self.location = location
         self.reason = reason
 
-    def get_many(self, keys: Sequence[bytes], *, created_after: float | None = None) -> dict[bytes, bytes]:
+    def get_many(self, keys: Sequence[bytes], *, created_after: float | None = None) -> dict[bytes, Stored]:
         return {}
 
     def put_many(self, entries: Sequence[Entry], *, replace: bool = True) -> int:
@@ -173,12 +264,12 @@ class NullStore(Store):
         return (0, 0)
 
     def summary(self) -> dict[str, Any]:
-        return {"entries": 0, "bytes": 0, "by_model": [], "by_task": []}
+        return {"entries": 0, "bytes": 0, "by_model": [], "by_task": [], "by_schema": []}
 
     def models(self) -> dict[str, str]:
         return {}
 
-    def similar(self, method: str, *, task: str | None, doc_id: str | None, prompt: str | None,
+    def similar(self, method: str, *, task: str | None, doc_id: int | str | None, prompt: str | None,
                 limit: int = 50) -> list[Entry]:  # fmt: skip
         return []
 

@@ -14,6 +14,9 @@ Why these settings:
   suits values larger than a few hundred bytes better than ``WITHOUT ROWID``.
 * WAL needs shared memory that network file systems do not provide: on one, the store
   warns and uses a rollback journal.
+* Opening a file of the current schema only reads (no ``auto_vacuum``, no write
+  transaction): a rank opening a busy cache neither waits for its writers nor adds to its
+  WAL. Only a new file is set up, and a schema-1 file upgraded, each in one transaction.
 """
 
 from __future__ import annotations
@@ -26,18 +29,19 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
-from .base import Entry, Store, StoreError, Where
+from .base import LEGACY_KEY_SCHEMA, Entry, Store, Stored, StoreError, Where, doc_id_forms, storable_doc_id
 
 __all__ = ["SQLiteStore", "network_filesystem"]
 
 log = logging.getLogger("lmms_cache")
 
 FILENAME = "cache.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 APPLICATION_ID = 0x4C4D4331  # "LMC1": tells our file from any other SQLite database
 _LOOKUP_CHUNK = 900  # bound parameters per SELECT ... IN (...)
+_DIGEST = 16  # bytes of one row digest in row_digests
 _SCAN_PAGE = 256  # rows per query of scan()
 _EVICT_PAGE = 1000  # least recently used rows looked at per eviction query
 
@@ -50,9 +54,29 @@ _NETWORK_FS = frozenset(
     }
 )  # fmt: skip
 
-# One statement per item (the triggers contain semicolons).
+# The memo tables: derived digests that let a hit skip decoding media (schema 2).
+_ROW_DIGESTS = """CREATE TABLE IF NOT EXISTS row_digests (
+        dataset TEXT,
+        split TEXT,
+        count INTEGER,
+        digests BLOB,
+        PRIMARY KEY (dataset, split)
+    )"""
+_DERIVED = """CREATE TABLE IF NOT EXISTS derived (
+        function BLOB,
+        row BLOB,
+        digest BLOB NOT NULL,
+        deps BLOB,
+        PRIMARY KEY (function, row)
+    ) WITHOUT ROWID"""
+
+# One statement per item (the triggers contain semicolons). ``doc_id`` has no declared type,
+# hence no affinity: an int stays an INTEGER and a str TEXT. The columns after ``prompt``
+# came with schema 2, in the order and form that upgrading a schema-1 file gives them
+# (ALTER TABLE ADD COLUMN appends, and a NOT NULL column needs a default): a new file and
+# an upgraded one have the same table.
 _SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS entries (
+    f"""CREATE TABLE IF NOT EXISTS entries (
         id INTEGER PRIMARY KEY,
         key BLOB NOT NULL UNIQUE,
         value BLOB NOT NULL,
@@ -60,7 +84,7 @@ _SCHEMA = (
         method TEXT NOT NULL,
         task TEXT,
         split TEXT,
-        doc_id TEXT,
+        doc_id,
         created_at REAL NOT NULL,
         size INTEGER NOT NULL,
         raw_size INTEGER NOT NULL DEFAULT 0,
@@ -68,7 +92,11 @@ _SCHEMA = (
         hits INTEGER NOT NULL DEFAULT 0,
         used_at REAL NOT NULL,
         components TEXT,
-        prompt TEXT
+        prompt TEXT,
+        key_schema TEXT NOT NULL DEFAULT '{LEGACY_KEY_SCHEMA}',
+        deps BLOB,
+        origin TEXT,
+        signature BLOB
     )""",
     "CREATE INDEX IF NOT EXISTS entries_model_task ON entries (model, task)",
     # Explaining a miss looks for the stored entries of the same document or prompt.
@@ -103,10 +131,46 @@ _SCHEMA = (
         signature TEXT NOT NULL,
         digest BLOB NOT NULL
     )""",
+    _ROW_DIGESTS,
+    _DERIVED,
 )
-_COLUMNS = ("key, value, model, method, task, split, doc_id, created_at, model_seconds, raw_size, "
-            "components, hits, used_at, prompt")
-_META_COLUMNS = _COLUMNS.replace("value,", "x'',")
+
+# Schema 1 -> 2, in one transaction with the retyping of doc_id (_retype_doc_id) and the new
+# user_version. Each statement changes the schema only: no row is rewritten (old rows read
+# key_schema's default and NULL for the others), so it takes milliseconds on any size.
+_UPGRADE_FROM_1 = (
+    f"ALTER TABLE entries ADD COLUMN key_schema TEXT NOT NULL DEFAULT '{LEGACY_KEY_SCHEMA}'",
+    "ALTER TABLE entries ADD COLUMN deps BLOB",
+    "ALTER TABLE entries ADD COLUMN origin TEXT",
+    "ALTER TABLE entries ADD COLUMN signature BLOB",
+    _ROW_DIGESTS,
+    _DERIVED,
+)
+_V1_DOC_ID = "doc_id TEXT,"  # how schema 1 declared it (the one occurrence in its entries table)
+
+
+class _Columns(NamedTuple):
+    """The SQL that reads entries, for the schema of the open file: a schema-1 file opened
+    read-only has no schema-2 columns, and reads as schema 2 with their defaults."""
+
+    entry: str  # every Entry field, in order
+    meta: str  # the same with an empty value
+    stored: str  # key and the Stored fields
+    key_schema: str  # an entry's key schema
+    memo: bool  # the memo tables exist
+
+
+def _columns(extra: tuple[str, str, str, str], memo: bool) -> _Columns:
+    base = ("key, value, model, method, task, split, doc_id, created_at, model_seconds, raw_size, "
+            "components, hits, used_at, prompt")  # fmt: skip
+    entry = f"{base}, {', '.join(extra)}"
+    return _Columns(entry, entry.replace("value,", "x'',", 1), f"key, value, {', '.join(extra[1:])}",
+                    extra[0], memo)  # fmt: skip
+
+
+_V2 = _columns(("key_schema", "deps", "origin", "signature"), memo=True)
+_V1 = _columns((f"'{LEGACY_KEY_SCHEMA}'", "NULL", "NULL", "NULL"), memo=False)
+_COLUMNS = _V2.entry
 
 # Connections inherited through fork() must never be used or closed by the child (SQLite
 # forbids it): the child keeps them referenced here, for its lifetime, so GC never closes them.
@@ -171,6 +235,7 @@ class SQLiteStore(Store):
         self._lock = threading.RLock()
         self._conn_pid: int | None = None
         self._conn_obj: sqlite3.Connection | None = None
+        self._cols = _V2
         self._connect()
 
     # -- connection ---------------------------------------------------------------------
@@ -181,27 +246,30 @@ class SQLiteStore(Store):
                 _INHERITED.append(self._conn_obj)
                 self._conn_obj = None
             self._connect()
+        elif self._cols is not _V2:
+            self._follow_upgrade(self._conn_obj)
         assert self._conn_obj is not None
         return self._conn_obj
 
     def _connect(self) -> None:
         self._check_owner()
         try:
-            conn = self._open_readonly() if self.readonly else self._open_readwrite()
+            conn, version = self._open_readonly() if self.readonly else self._open_readwrite()
         except sqlite3.DatabaseError as exc:
             if self.readonly or not any(m in str(exc) for m in _CORRUPT):
                 raise StoreError(f"cannot open the cache at {self.path}: {exc}") from exc
             self._set_aside(exc)
             try:
-                conn = self._open_readwrite()
+                conn, version = self._open_readwrite()
             except sqlite3.Error as exc2:
                 raise StoreError(f"cannot open the cache at {self.path}: {exc2}") from exc2
         except OSError as exc:
             raise StoreError(f"cannot create the cache at {self.directory}: {exc}") from exc
+        self._cols = _V1 if version == 1 else _V2
         self._conn_obj = conn
         self._conn_pid = os.getpid()
 
-    def _open_readwrite(self) -> sqlite3.Connection:
+    def _open_readwrite(self) -> tuple[sqlite3.Connection, int]:
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
         with contextlib.suppress(FileExistsError):
             os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
@@ -210,7 +278,7 @@ class SQLiteStore(Store):
         )
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self._timeout * 1000)}")
-            self._check_ours(conn)
+            version = self._check_ours(conn)
             fs = network_filesystem(self.directory)
             if fs:
                 log.warning(
@@ -223,16 +291,19 @@ class SQLiteStore(Store):
                 journal = "DELETE"
             else:
                 journal = "WAL"
-            # Only an empty file takes auto_vacuum, and only before the journal mode writes
-            # the header; it lets compact() return freed pages without rewriting the file.
-            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
-            self._set_journal_mode(conn, journal)
-            conn.execute(f"PRAGMA synchronous = {'FULL' if self._durable else 'NORMAL'}")
-            self._create_schema(conn)
+            if version == 0:
+                # Only an empty file takes auto_vacuum, and only before the journal mode
+                # writes the header; it lets compact() return freed pages without rewriting
+                # the file. (On any other file setting it writes a page: not on every open.)
+                conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            self._set_journal_mode(conn, journal)  # a read when the file has it already
+            conn.execute(f"PRAGMA synchronous = {'FULL' if self._durable else 'NORMAL'}")  # per connection
+            if version < SCHEMA_VERSION:
+                self._create_schema(conn)
         except BaseException:
             conn.close()
             raise
-        return conn
+        return conn, SCHEMA_VERSION
 
     def _set_journal_mode(self, conn: sqlite3.Connection, journal: str) -> None:
         # Changing the journal mode needs an exclusive lock and SQLite reports "database is
@@ -251,7 +322,7 @@ class SQLiteStore(Store):
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
 
-    def _open_readonly(self) -> sqlite3.Connection:
+    def _open_readonly(self) -> tuple[sqlite3.Connection, int]:
         if not os.path.exists(self.path):
             raise StoreError(f"no cache at {self.path} (read-only mode does not create one)")
         uri = "file:" + self.path.replace("?", "%3f").replace("#", "%23")
@@ -265,15 +336,15 @@ class SQLiteStore(Store):
                 raise
             return self._connect_checked(uri + "?immutable=1")
 
-    def _connect_checked(self, uri: str) -> sqlite3.Connection:
+    def _connect_checked(self, uri: str) -> tuple[sqlite3.Connection, int]:
         conn = sqlite3.connect(uri, uri=True, timeout=self._timeout, isolation_level=None,
                                check_same_thread=False)
         try:
-            self._check_ours(conn)
+            version = self._check_ours(conn)
         except BaseException:
             conn.close()
             raise
-        return conn
+        return conn, version
 
     def _check_owner(self) -> None:
         """Values are pickles, and loading a pickle runs code: a cache written by another
@@ -289,7 +360,9 @@ class SQLiteStore(Store):
                 "or --trust on the command line) to use it."
             )
 
-    def _check_ours(self, conn: sqlite3.Connection) -> None:
+    def _check_ours(self, conn: sqlite3.Connection) -> int:
+        """The file's schema version (0: a new, empty file), after checking it is ours and
+        not newer than this code. Reads only."""
         # One read transaction: another process may be creating the schema right now, and
         # its tables must not be seen without its application_id.
         conn.execute("BEGIN")
@@ -307,24 +380,77 @@ class SQLiteStore(Store):
                 )
         elif app_id != APPLICATION_ID:
             raise StoreError(f"{self.path} is an SQLite database of another program")
+        self._check_version(version)
+        return int(version)
+
+    def _check_version(self, version: int) -> None:
         if version > SCHEMA_VERSION:
             raise StoreError(
                 f"{self.path} was written by a newer lmms-cache (schema {version}); upgrade"
             )
 
     def _create_schema(self, conn: sqlite3.Connection) -> None:
+        """Create the schema of a new file, or upgrade an older one: in one transaction,
+        which whoever gets the write lock first does (the ranks of a node open together)."""
         conn.execute("BEGIN IMMEDIATE")
+        version = None
         try:
-            if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            self._check_version(version)
+            if version == 0:
                 for statement in _SCHEMA:
                     conn.execute(statement)
                 conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            elif version == 1:
+                self._upgrade_from_1(conn)
+            if version < SCHEMA_VERSION:
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             conn.execute("COMMIT")
-        except BaseException:
+        except BaseException as exc:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
-            raise
+            if version == 1 and isinstance(exc, sqlite3.Error) and not any(m in str(exc) for m in _CORRUPT):
+                raise StoreError(f"cannot upgrade the cache at {self.path} from schema 1 to {SCHEMA_VERSION} "
+                                 f"(it is left as it was): {exc}") from exc  # fmt: skip
+            raise  # damage is set aside by _connect, as at any open
+        if version == 1:
+            log.info("lmms-cache: upgraded the cache at %s to schema %d", self.path, SCHEMA_VERSION)
+
+    def _upgrade_from_1(self, conn: sqlite3.Connection) -> None:
+        for statement in _UPGRADE_FROM_1:
+            conn.execute(statement)
+        self._retype_doc_id(conn)
+
+    def _retype_doc_id(self, conn: sqlite3.Connection) -> None:
+        """Declare doc_id without a type, as schema 2 does: ALTER TABLE cannot change a
+        column, and rebuilding the table would rewrite every value (minutes and the file's
+        size again in WAL, for a large cache). Instead the table's definition is edited in
+        place, by SQLite's documented procedure for schema changes that leave stored content
+        valid (https://sqlite.org/lang_altertable.html#otheralter): dropping a column's
+        affinity is one, as every stored value stays what it is (schema-1 ids stay text)
+        and indexes hold values, not affinities. The new schema_version makes every
+        connection, this one included, read the new definition."""
+        (sql,) = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'entries'").fetchone()
+        if sql.count(_V1_DOC_ID) != 1:
+            raise StoreError(f"{self.path}: unexpected schema-1 table, not upgrading it: {sql}")
+        schema_version = conn.execute("PRAGMA schema_version").fetchone()[0]
+        conn.execute("PRAGMA writable_schema = ON")
+        try:
+            conn.execute(
+                "UPDATE sqlite_master SET sql = ? WHERE type = 'table' AND name = 'entries'",
+                (sql.replace(_V1_DOC_ID, "doc_id,"),),
+            )
+            conn.execute(f"PRAGMA schema_version = {schema_version + 1}")
+        finally:
+            conn.execute("PRAGMA writable_schema = OFF")
+
+    def _follow_upgrade(self, conn: sqlite3.Connection) -> None:
+        """A schema-1 file open read-only: read it as schema 2 once another process has
+        upgraded it (its new entries' deps and signatures must not read as NULL)."""
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version != 1:
+            self._check_version(version)
+            self._cols = _V2
 
     def _set_aside(self, exc: Exception, *, quiet: bool = False) -> str:
         aside = f"{self.path}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -390,17 +516,18 @@ class SQLiteStore(Store):
 
     # -- the interface ------------------------------------------------------------------
 
-    def get_many(self, keys: Sequence[bytes], *, created_after: float | None = None) -> dict[bytes, bytes]:
-        found: dict[bytes, bytes] = {}
+    def get_many(self, keys: Sequence[bytes], *, created_after: float | None = None) -> dict[bytes, Stored]:
+        found: dict[bytes, Stored] = {}
         fresh = "" if created_after is None else f" AND created_at >= {float(created_after)!r}"
+        new = tuple.__new__  # Stored(...) without the Python-level __new__: the hit path
         with self._lock, self._errors("reading"):
             conn = self._conn()
+            select = f"SELECT {self._cols.stored} FROM entries WHERE key IN "
             for start in range(0, len(keys), _LOOKUP_CHUNK):
                 chunk = keys[start : start + _LOOKUP_CHUNK]
                 marks = ",".join("?" * len(chunk))
-                found.update(
-                    conn.execute(f"SELECT key, value FROM entries WHERE key IN ({marks}){fresh}", chunk)
-                )
+                for row in conn.execute(f"{select}({marks}){fresh}", chunk):
+                    found[row[0]] = new(Stored, row[1:])
         return found
 
     def put_many(self, entries: Sequence[Entry], *, replace: bool = True) -> int:
@@ -408,9 +535,9 @@ class SQLiteStore(Store):
             return 0
         now = time.time()
         rows = [
-            (e.key, e.value, e.model, e.method, e.task, e.split, e.doc_id, e.created_at or now,
+            (e.key, e.value, e.model, e.method, e.task, e.split, storable_doc_id(e.doc_id), e.created_at or now,
              e.model_seconds, e.raw_size, e.components, e.hits, e.used_at or e.created_at or now,
-             e.prompt, len(e.value))
+             e.prompt, e.key_schema or LEGACY_KEY_SCHEMA, e.deps, e.origin, e.signature, len(e.value))
             for e in entries
         ]  # fmt: skip
         conflict = (
@@ -418,15 +545,16 @@ class SQLiteStore(Store):
             "task = excluded.task, split = excluded.split, doc_id = excluded.doc_id, "
             "created_at = excluded.created_at, size = excluded.size, raw_size = excluded.raw_size, "
             "model_seconds = excluded.model_seconds, components = excluded.components, "
-            "used_at = excluded.used_at, prompt = excluded.prompt"
+            "used_at = excluded.used_at, prompt = excluded.prompt, key_schema = excluded.key_schema, "
+            "deps = excluded.deps, origin = excluded.origin, signature = excluded.signature"
             if replace else "DO NOTHING"
         )  # fmt: skip
         count = "SELECT entries FROM totals WHERE id = 0"
+        marks = ",".join("?" * len(rows[0]))
         with self._transaction("writing") as conn:
             before = conn.execute(count).fetchone()[0] if not replace else 0
             conn.executemany(
-                f"INSERT INTO entries ({_COLUMNS}, size) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
-                f"ON CONFLICT (key) {conflict}",
+                f"INSERT INTO entries ({_COLUMNS}, size) VALUES ({marks}) ON CONFLICT (key) {conflict}",
                 rows,
             )
             return len(rows) if replace else int(conn.execute(count).fetchone()[0] - before)
@@ -442,7 +570,8 @@ class SQLiteStore(Store):
 
     def get(self, key: bytes) -> Entry | None:
         with self._lock, self._errors("reading"):
-            row = self._conn().execute(f"SELECT {_COLUMNS} FROM entries WHERE key = ?", (key,)).fetchone()
+            conn = self._conn()
+            row = conn.execute(f"SELECT {self._cols.entry} FROM entries WHERE key = ?", (key,)).fetchone()
         return Entry(*row) if row else None
 
     def delete(self, keys: Sequence[bytes]) -> int:
@@ -455,15 +584,13 @@ class SQLiteStore(Store):
         return removed
 
     def delete_where(self, where: Where) -> int:
-        clause, params = _where(where)
         with self._transaction("deleting") as conn:
+            clause, params = _where(where, self._cols)
             return int(conn.execute(f"DELETE FROM entries WHERE {clause}", params).rowcount)
 
     def scan(self, where: Where | None = None, *, values: bool = True, limit: int | None = None,
              recent_first: bool = False) -> Iterator[Entry]:  # fmt: skip
         # In pages, by id or by last use: a cache of many gigabytes is never held in memory.
-        clause, params = _where(where or Where())
-        columns = _COLUMNS if values else _META_COLUMNS
         if recent_first:
             order, after_clause = "used_at DESC, id DESC", " AND (used_at, id) < (?, ?)"
         else:
@@ -474,7 +601,10 @@ class SQLiteStore(Store):
             page = _SCAN_PAGE if left is None else min(_SCAN_PAGE, left)
             after = "" if last is None else after_clause
             with self._lock, self._errors("scanning"):
-                rows = self._conn().execute(
+                conn = self._conn()
+                clause, params = _where(where or Where(), self._cols)
+                columns = self._cols.entry if values else self._cols.meta
+                rows = conn.execute(
                     f"SELECT used_at, id, {columns} FROM entries WHERE {clause}{after} "
                     f"ORDER BY {order} LIMIT ?",
                     [*params, *(last or ()), page],
@@ -513,6 +643,13 @@ class SQLiteStore(Store):
                     {col: row[0], **dict(zip(names, row[1:], strict=True))}
                     for row in conn.execute(grouped.format(col=col))
                 ]
+            out["by_schema"] = [
+                {"key_schema": schema, "entries": entries, "bytes": size}
+                for schema, entries, size in conn.execute(
+                    f"SELECT {self._cols.key_schema} AS schema, count(*), sum(size) FROM entries "
+                    "GROUP BY schema ORDER BY sum(size) DESC"
+                )
+            ]
             hits, saved = conn.execute("SELECT coalesce(sum(hits), 0), coalesce(sum(hits * model_seconds), 0) "
                                        "FROM entries").fetchone()  # fmt: skip
         out["hits"] = hits
@@ -540,21 +677,23 @@ class SQLiteStore(Store):
                 removed += conn.execute(f"DELETE FROM entries WHERE id IN ({marks})", doomed).rowcount
         return removed, freed
 
-    def similar(self, method: str, *, task: str | None, doc_id: str | None, prompt: str | None,
+    def similar(self, method: str, *, task: str | None, doc_id: int | str | None, prompt: str | None,
                 limit: int = 50) -> list[Entry]:  # fmt: skip
         clauses = []
         params: list[Any] = [method]
         if task is not None and doc_id is not None:
-            clauses.append("(task = ? AND doc_id = ?)")
-            params += [task, doc_id]
+            forms = doc_id_forms(doc_id)
+            clauses.append(f"(task = ? AND doc_id IN ({','.join('?' * len(forms))}))")
+            params += [task, *forms]
         if prompt is not None:
             clauses.append("prompt = ?")
             params.append(prompt)
         if not clauses:
             return []
         with self._lock, self._errors("reading"):
-            rows = self._conn().execute(
-                f"SELECT {_META_COLUMNS} FROM entries WHERE method = ? AND ({' OR '.join(clauses)}) "
+            conn = self._conn()
+            rows = conn.execute(
+                f"SELECT {self._cols.meta} FROM entries WHERE method = ? AND ({' OR '.join(clauses)}) "
                 "ORDER BY used_at DESC LIMIT ?", [*params, limit],
             ).fetchall()  # fmt: skip
         return [Entry(*row) for row in rows]
@@ -586,6 +725,57 @@ class SQLiteStore(Store):
                 [(p, _signature(s), d) for p, s, d in rows],
             )
 
+    def row_digests(self, dataset: str, split: str) -> bytes | None:
+        with self._lock, self._errors("reading row digests"):
+            conn = self._conn()
+            if not self._cols.memo:
+                return None
+            row = conn.execute(
+                "SELECT count, digests FROM row_digests WHERE dataset = ? AND split = ?", (dataset, split)
+            ).fetchone()
+        if row is None or not isinstance(row[1], bytes) or len(row[1]) != row[0] * _DIGEST:
+            return None  # absent, or not what was written: not to be trusted
+        return row[1]
+
+    def remember_row_digests(self, dataset: str, split: str, digests: bytes) -> None:
+        if len(digests) % _DIGEST:
+            raise ValueError(f"row digests are {_DIGEST} bytes each, got {len(digests)} bytes")
+        if self.readonly:
+            return
+        with self._transaction("remembering row digests") as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO row_digests (dataset, split, count, digests) VALUES (?, ?, ?, ?)",
+                (dataset, split, len(digests) // _DIGEST, bytes(digests)),
+            )
+
+    def derived_many(self, function: bytes, rows: Sequence[bytes]) -> dict[bytes, tuple[bytes, bytes | None]]:
+        found: dict[bytes, tuple[bytes, bytes | None]] = {}
+        with self._lock, self._errors("reading derived digests"):
+            conn = self._conn()
+            if not self._cols.memo:
+                return found
+            for start in range(0, len(rows), _LOOKUP_CHUNK):
+                chunk = rows[start : start + _LOOKUP_CHUNK]
+                marks = ",".join("?" * len(chunk))
+                for row, digest, deps in conn.execute(
+                    f"SELECT row, digest, deps FROM derived WHERE function = ? AND row IN ({marks})",
+                    (function, *chunk),
+                ):
+                    found[row] = (digest, deps)
+        return found
+
+    def remember_derived(self, items: Sequence[tuple[bytes, bytes, bytes, bytes | None]]) -> None:
+        if not items or self.readonly:
+            return
+        with self._transaction("remembering derived digests") as conn:
+            conn.executemany(
+                "INSERT OR REPLACE INTO derived (function, row, digest, deps) VALUES (?, ?, ?, ?)", items
+            )
+
+    def forget_derived(self, function: bytes) -> int:
+        with self._transaction("forgetting derived digests") as conn:
+            return int(conn.execute("DELETE FROM derived WHERE function = ?", (function,)).rowcount)
+
     def remember_model(self, digest: str, description: str) -> None:
         if self.readonly:
             return
@@ -613,19 +803,29 @@ class SQLiteStore(Store):
         self.__init__(state.pop("directory"), **state)  # type: ignore[misc]
 
 
-def _where(where: Where) -> tuple[str, list[Any]]:
+def _where(where: Where, cols: _Columns) -> tuple[str, list[Any]]:
     clauses: list[str] = []
     params: list[Any] = []
     if where.models is not None:
         clauses.append(f"model IN ({','.join('?' * len(where.models))})" if where.models else "0")
         params.extend(where.models)
-    for column, value in (("task", where.task), ("method", where.method), ("doc_id", where.doc_id)):
+    for column, value in (("task", where.task), ("method", where.method)):
         if value is not None:
             clauses.append(f"{column} = ?")
             params.append(value)
+    if where.doc_id is not None:  # the stored id is an int or text: "17" finds 17 and "17"
+        forms = doc_id_forms(where.doc_id)
+        clauses.append(f"doc_id IN ({','.join('?' * len(forms))})")
+        params.extend(forms)
     if where.created_before is not None:
         clauses.append("created_at < ?")
         params.append(where.created_before)
+    if where.key_schema is not None:
+        clauses.append(f"{cols.key_schema} = ?")
+        params.append(where.key_schema)
+    if where.old_schema is not None:
+        clauses.append(f"{cols.key_schema} <> ?")
+        params.append(where.old_schema)
     return " AND ".join(clauses) or "1", params
 
 
