@@ -263,14 +263,14 @@ def test_an_int_doc_id_from_the_store_stays_an_int(proxied, monkeypatch):
 
 def test_show_gives_the_response_and_the_description_as_json_values(proxied):
     listed = {(r["method"], r["doc_id"]): r["key"] for r in cli_json("ls", proxied)["entries"]}
-    gen = cli_json("show", proxied, listed[("generate_until", "1")])
+    gen = cli_json("show", proxied, listed[("generate_until", 1)])
     assert gen["response"] == {"text": "answer to q1", "token_counts": None}
     assert gen["response_type"] == "GenerationResult"
     assert isinstance(gen["model_description"], dict) and gen["model_description"]["settings/pretrained"] == "a/one"
     assert isinstance(gen["components"], dict)
-    ll = cli_json("show", proxied, listed[("loglikelihood", "0")])
+    ll = cli_json("show", proxied, listed[("loglikelihood", 0)])
     assert ll["response"] == [-2.0, True] and ll["response_type"] == "tuple"
-    text = run_cli("show", proxied, listed[("loglikelihood", "0")]).stdout
+    text = run_cli("show", proxied, listed[("loglikelihood", 0)]).stdout
     assert "(-2.0, True)" in text
 
 

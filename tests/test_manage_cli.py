@@ -221,7 +221,7 @@ def test_ls_filters_by_model_digest_prefix_or_checkpoint_name(built):
 
 def test_ls_filters_by_task_method_doc_id_and_limit(built):
     assert {(r["model_label"], r["doc_id"]) for r in ls_json(built, "--task", "y")} == {
-        ("FakeModel(a/one)", d) for d in ("0", "1", "2")}  # fmt: skip
+        ("FakeModel(a/one)", d) for d in (0, 1, 2)}  # fmt: skip
     ll = ls_json(built, "--method", "loglikelihood")
     assert sorted(r["model_label"] for r in ll) == ["FakeModel(a/one)", "FakeModel(b/two)"]
     assert all(r["method"] == "loglikelihood" for r in ll)
@@ -254,7 +254,7 @@ def test_ls_text_previews_the_responses(built):
 
 
 def test_show_finds_an_entry_by_key_prefix(built):
-    (key,) = keys_where(built, model=digests(built)["b/two"], task="x", doc_id="1", method="generate_until")
+    (key,) = keys_where(built, model=digests(built)["b/two"], task="x", doc_id=1, method="generate_until")
     entry = cli_json("show", built, key[:10])
     assert entry["key"] == key
     assert entry["model_label"] == "FakeModel(b/two)"
@@ -331,7 +331,7 @@ def test_rm_without_a_filter_refuses_and_deletes_nothing(cache):
         (["--model", "one"], {"model": "a/one"}),
         (["--task", "x"], {"task": "x"}),
         (["--model", "two", "--method", "loglikelihood"], {"model": "b/two", "method": "loglikelihood"}),
-        (["--doc-id", "2", "--task", "y"], {"doc_id": "2", "task": "y"}),
+        (["--doc-id", "2", "--task", "y"], {"doc_id": 2, "task": "y"}),
     ],
 )
 def test_rm_deletes_exactly_the_filtered_entries(cache, filters, match):
@@ -383,7 +383,7 @@ def test_prune_max_size_evicts_the_least_recently_used(tmp_path):
     reader.cache_close()
     set_times(tmp_path)  # creation in doc order; the two hit last
     every = rows(tmp_path)
-    kept = {k for k, r in every.items() if r["doc_id"] in ("0", "3", "9")}
+    kept = {k for k, r in every.items() if r["doc_id"] in (0, 3, 9)}
     limit = sum(every[k]["size"] for k in kept)
     done = run_cli("prune", tmp_path, "--max-size", limit, "--json")
     assert done.returncode == 0, done.stderr
@@ -434,7 +434,7 @@ def test_export_then_import_serves_exactly_the_exported_requests(built, tmp_path
     assert json.loads(done.stdout)["exported"] == 4
     target = tmp_path / "new"
     imported = cli_json("import", target, exported)
-    assert imported == {"added": 4, "conflicts": 0, "damaged": 0}
+    assert imported == {"added": 4, "conflicts": 0, "damaged": 0, "refused": 0}
     assert set(rows(target)) == keys_where(built, model=digests(built)["a/one"], task="x")
 
     model = make("a/one")
@@ -477,7 +477,7 @@ def test_import_skips_and_counts_a_damaged_value(built, tmp_path):
     victim = sorted(rows(built))[5]
     damage(tmp_path, victim, filename="all.lmc")
     target = tmp_path / "target"
-    assert cli_json("import", target, exported) == {"added": 12, "conflicts": 0, "damaged": 1}
+    assert cli_json("import", target, exported) == {"added": 12, "conflicts": 0, "damaged": 1, "refused": 0}
     assert set(rows(target)) == set(rows(built)) - {victim}
 
 
@@ -526,7 +526,7 @@ def test_verify_finds_drops_and_then_passes(cache):
     assert len(rows(cache)) == 13  # without --drop nothing is deleted
     dropped = run_cli("verify", cache, "--drop", "--json")
     assert dropped.returncode == 0, dropped.stderr
-    assert json.loads(dropped.stdout) == {"checked": 13, "damaged": [victim], "dropped": 1}
+    assert json.loads(dropped.stdout) == {"checked": 13, "damaged": [victim], "dropped": 1, "unsigned_foreign": []}
     remaining = rows(cache)
     assert len(remaining) == 12 and victim not in remaining
     again = run_cli("verify", cache)

@@ -54,9 +54,9 @@ def test_hits_are_recorded_in_batches_and_flushed_on_close(tmp_path):
     lm = cached(model(), tmp_path)
     for _ in range(3):
         lm.generate_until([gen_request(0)])
-    assert {e.doc_id: e.hits for e in lm.cache_store.scan(values=False)} == {"0": 0, "1": 0}  # not yet
+    assert {e.doc_id: e.hits for e in lm.cache_store.scan(values=False)} == {0: 0, 1: 0}  # not yet
     lm.cache_close()
-    assert {e.doc_id: e.hits for e in lm.cache_store.scan(values=False)} == {"0": 3, "1": 0}
+    assert {e.doc_id: e.hits for e in lm.cache_store.scan(values=False)} == {0: 3, 1: 0}
 
 
 def test_readonly_records_no_hits(tmp_path):

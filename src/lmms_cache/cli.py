@@ -194,7 +194,7 @@ def _ls(args: argparse.Namespace) -> int:
         where = _filter(args).where(store)
         name = manage.label(store)
         entries = list(store.scan(where, limit=args.limit or None, recent_first=True))
-        shown = [{**_entry_json(e, name), "response": manage.preview(e)} for e in entries]
+        shown = [{**_entry_json(e, name), "response": manage.preview(e, trust_all=args.trust)} for e in entries]
         more = max(0, manage.count(store, where) - len(shown)) if args.limit and len(shown) == args.limit else 0
     rows = [{**r, "key": r["key"][:16], "model": r["model_label"], "created": _when(e.created_at)}
             for r, e in zip(shown, entries, strict=True)]  # fmt: skip
@@ -214,8 +214,12 @@ def _show(args: argparse.Namespace) -> int:
         name = manage.label(store)
         description = manage.description(store, e.model)
     try:
-        value: Any = codec.decode(e.value)
+        value: Any = manage.load(e, trust_all=args.trust)
         response, kind = manage.jsonable(value), type(value).__name__
+    except codec.UntrustedValueError as exc:
+        value = response = (f"<not loaded: needs {exc.needed}; written elsewhere and unsigned "
+                            "(--trust loads it; only for caches you trust)>")  # fmt: skip
+        kind = None
     except codec.CodecError as exc:
         value = response = f"<unreadable: {exc}>"
         kind = None
@@ -300,8 +304,11 @@ def _import(args: argparse.Namespace) -> int:
     # importing into a new cache creates it
     with manage.opened(args.path, readonly=False, trust=args.trust, create=True) as store:
         counts = manage.import_(store, args.file, trust=args.trust)
+    refused = (f"; {_entries(counts['refused'])} refused: written elsewhere, unsigned, and needing classes "
+               "outside the safe set to load (--trust imports them; only from people you trust)"
+               if counts["refused"] else "")  # fmt: skip
     _emit(args, counts, f"added {_entries(counts['added'])}; {counts['conflicts']} already there kept their "
-                        f"value; {counts['damaged']} damaged skipped")  # fmt: skip
+                        f"value; {counts['damaged']} damaged skipped{refused}")  # fmt: skip
     return EXIT_OK
 
 
@@ -318,6 +325,7 @@ def _verify(args: argparse.Namespace) -> int:
             finally:
                 if bar is not None:
                     bar.close()
+            foreign = manage.foreign_unsafe(store)
     except StoreError as exc:
         if args.drop or not os.path.exists(db):
             return _fail(str(exc))
@@ -328,10 +336,14 @@ def _verify(args: argparse.Namespace) -> int:
         _emit(args, data, f"the cache file {db} was damaged: it was moved to {moved[0]} and a new, empty cache "
                           "started in its place")  # fmt: skip
         return EXIT_FAILURE
-    data = {"checked": total, "damaged": [k.hex() for k in bad], "dropped": len(bad) if args.drop else 0}
+    data = {"checked": total, "damaged": [k.hex() for k in bad], "dropped": len(bad) if args.drop else 0,
+            "unsigned_foreign": [k.hex() for k in foreign]}  # fmt: skip
     text = f"checked {_entries(total)}: {len(bad)} damaged" + (
         "".join(f"\n  {k.hex()}" for k in bad) + ("\n(dropped)" if args.drop else "\n(re-run with --drop to delete them)")
         if bad else "")  # fmt: skip
+    if foreign:
+        text += (f"\n{_entries(len(foreign))} written elsewhere and unsigned need classes outside the safe set "
+                 "to load: hits recompute them (a cache you trust: --trust loads them)")  # fmt: skip
     _emit(args, data, text)
     return EXIT_FAILURE if bad and not args.drop else EXIT_OK
 

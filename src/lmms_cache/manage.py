@@ -22,6 +22,7 @@ from dataclasses import dataclass, fields, is_dataclass
 from typing import Any
 
 from . import codec
+from . import trust as _trust  # (functions here take a trust= flag)
 from .explain import differences
 from .store import Entry, SQLiteStore, Store, StoreError, Where
 from .store.sqlite import APPLICATION_ID, FILENAME
@@ -109,10 +110,29 @@ def description(store: Store, digest: str) -> Any:
         return text
 
 
-def preview(entry: Entry, width: int = 60) -> str:
-    """A one-line preview of an entry's response (decodes the value: trusted caches only)."""
+def load(entry: Entry, *, trust_all: bool = False) -> Any:
+    """An entry's response. Full pickle only for a value this user wrote on this machine, one
+    signed with ``$LMMS_CACHE_SECRET``, or with ``trust_all``; any other loads restricted
+    (plain values and known response types), so a crafted file cannot run code here.
+
+    Raises:
+        codec.CodecError: damaged, or refused (:class:`codec.UntrustedValueError`).
+    """
+    return codec.decode(entry.value, trusted=trust_all or trusted(entry))
+
+
+def trusted(entry: Entry) -> bool:
+    """Whether ``entry``'s value may load with full pickle: written here, or validly signed."""
+    return _trust.is_local(entry.origin) or (
+        entry.signature is not None and _trust.signature_valid(entry.key, entry.value, entry.signature))
+
+
+def preview(entry: Entry, width: int = 60, *, trust_all: bool = False) -> str:
+    """A one-line preview of an entry's response (see :func:`load`)."""
     try:
-        value = codec.decode(entry.value)
+        value = load(entry, trust_all=trust_all)
+    except codec.UntrustedValueError as exc:
+        return f"<not loaded: needs {exc.needed}; written elsewhere, unsigned>"
     except codec.CodecError as exc:
         return f"<unreadable: {exc}>"
     text = getattr(value, "text", value)
@@ -178,6 +198,13 @@ def explain_document(store: Store, task: str, doc_id: str, method: str | None = 
                     "used_at": entry.used_at,
                     "differs": differences(base, comps) if base is not comps else []})  # fmt: skip
     return out
+
+
+def foreign_unsafe(store: Store) -> list[bytes]:
+    """Keys of entries written elsewhere, unsigned, whose value names a class or function
+    outside the restricted loader's allow-list (found without unpickling): values a hit
+    cannot load, which ``import`` refuses without ``--trust``."""
+    return [e.key for e in store.scan() if not trusted(e) and codec.verify(e.value) and not codec.is_safe(e.value)]
 
 
 def verify(store: Store, *, drop: bool = False, progress: Callable[[int], None] | None = None) -> list[bytes]:
@@ -282,8 +309,13 @@ def import_(store: Store, path: str, *, trust: bool = False, progress: Callable[
     Imported entries start with no hits, last used ``now`` (default: the current time), as
     if just written; their creation time (what ``--older-than`` and expiry read) is kept.
 
-    ``trust`` accepts a file owned by another user (its values are pickles).
-    Returns counts: ``added``, ``conflicts``, ``damaged``.
+    An imported entry's origin is never the file's (anyone crafting a file can write any):
+    with ``trust`` the entries count as yours; a validly signed entry keeps its signature;
+    another whose value would need a class outside the restricted loader's allow-list is
+    refused (counted in ``refused``), found without unpickling it.
+
+    ``trust`` also accepts a file owned by another user.
+    Returns counts: ``added``, ``conflicts``, ``damaged``, ``refused``.
 
     Raises:
         FileNotFoundError: no such file.
@@ -293,13 +325,25 @@ def import_(store: Store, path: str, *, trust: bool = False, progress: Callable[
         raise FileNotFoundError(path)
     check_export(path)
     now = _clock() if now is None else now
-    counts = {"added": 0, "conflicts": 0, "damaged": 0}
+    counts = {"added": 0, "conflicts": 0, "damaged": 0, "refused": 0}
+    local = _trust.local_origin()
     with opened(path, readonly=True, trust=trust) as source:
         for digest, description in source.models().items():
             store.remember_model(digest, description)
         for batch in _batches(source.scan()):
-            good = [e._replace(hits=0, used_at=now) for e in batch if codec.verify(e.value)]
-            counts["damaged"] += len(batch) - len(good)
+            good = []
+            for e in batch:
+                if not codec.verify(e.value):
+                    counts["damaged"] += 1
+                elif trust:
+                    good.append(e._replace(hits=0, used_at=now, origin=local))
+                elif e.signature is not None and _trust.signature_valid(e.key, e.value, e.signature):
+                    good.append(e._replace(hits=0, used_at=now, origin=_trust.imported_origin(e.origin)))
+                elif codec.is_safe(e.value):
+                    good.append(e._replace(hits=0, used_at=now, origin=_trust.imported_origin(e.origin),
+                                           signature=None))  # fmt: skip
+                else:
+                    counts["refused"] += 1
             added = store.put_many(good, replace=False)
             counts["added"] += added
             counts["conflicts"] += len(good) - added

@@ -30,12 +30,12 @@ from typing import Any
 
 import wrapt
 
-from . import codec
+from . import codec, trust
 from .explain import describe, explain_against
 from .fingerprint import Encoder, FileDigests
 from .identity import ModelIdentity, Tracker
 from .identity import differences as identity_differences
-from .key import KeyBuilder, RequestKey
+from .key import KEY_SCHEMA, KeyBuilder, RequestKey
 from .store import Entry, NullStore, Store, StoreError, default_location, open_store
 from .units import parse_duration, parse_size
 
@@ -60,6 +60,7 @@ _TOUCH_EVERY = 10.0
 _TOUCH_MAX = 50_000
 
 _FAILURE_MARKERS = ("[LMMS_EVAL_REQUEST_FAILED", "[LMMS_EVAL_BUDGET_EXCEEDED]")
+_KEY_SCHEMA = KEY_SCHEMA.decode()
 
 
 def default_is_failure(response: Any) -> bool:
@@ -456,6 +457,7 @@ class _Cache:
         self.pending: list[Entry] = []
         self.new_files: list[tuple[str, tuple[int, ...], bytes]] = []
         self.remembered: set[str] = set()  # model identities recorded in the store
+        self.origin = trust.local_origin()  # who writes this proxy's entries
         location = options.path if options.path is not None else default_location()
         self.location = os.path.abspath(os.path.expanduser(location))
         self.store = self.open(options.durable)
@@ -714,13 +716,13 @@ class _Cache:
             )
             return None
         rv = rk.view
-        doc_id = None if rv is None or rv.doc_id is None else str(rv.doc_id)
         return Entry(key=key, value=value, model=self.identity.digest, method=method,
                      task=None if rv is None or rv.task is None else str(rv.task),
                      split=None if rv is None or rv.split is None else str(rv.split),
-                     doc_id=doc_id, created_at=now, model_seconds=seconds,
+                     doc_id=None if rv is None else rv.doc_id, created_at=now, model_seconds=seconds,
                      raw_size=codec.raw_size(value), used_at=now,
-                     components=described[0], prompt=described[1])  # fmt: skip
+                     components=described[0], prompt=described[1], key_schema=_KEY_SCHEMA,
+                     origin=self.origin, signature=trust.sign(key, value))  # fmt: skip
 
     # -- the store, guarded -----------------------------------------------------------------
 
@@ -751,9 +753,21 @@ class _Cache:
         blobs = self.guard(lambda: self.store.get_many(wanted, created_after=fresh),
                                  "reading the cache", {})  # fmt: skip
         found = {}
-        for key, blob in blobs.items():
+        origin, trusted = self.origin, self.options.trust
+        for key, stored in blobs.items():
+            value = stored.value
             try:
-                found[key] = codec.decode(blob.value)
+                # Full pickle only for what this user wrote here, or what the team signed;
+                # anything else loads restricted (plain values and known response types).
+                found[key] = codec.decode(value, trusted=trusted or stored.origin == origin or (
+                    stored.signature is not None and trust.signature_valid(key, value, stored.signature)))
+            except codec.UntrustedValueError as exc:
+                self.warn(
+                    "untrusted",
+                    f"lmms-cache: a stored value in {self.store.location} needs {exc.needed} to load, and "
+                    "was not written by you on this machine nor signed ($LMMS_CACHE_SECRET); it is "
+                    "recomputed and overwritten. Pass trust=True to load such values from a cache you trust.",
+                )
             except codec.CodecError as exc:
                 self.warn(
                     "decode",
