@@ -433,3 +433,28 @@ def test_a_description_with_its_own_label_is_named_by_it(tmp_path):
                     for i, m in ((1, "d" * 32), (2, "e" * 32))])  # fmt: skip
     store.close()
     assert {r["model_label"] for r in cli_json("stats", tmp_path)["by_model"]} == {"Qwen2.5-VL-7B (bf16)", "Y(o/m)"}
+
+
+def test_stats_counts_entries_of_an_older_key_schema_and_prune_old_schema_drops_them(tmp_path):
+    import sqlite3
+
+    from fakes import FakeModel, gen_request, task_dict
+    from lmms_cache import cached
+
+    model = FakeModel()
+    model.task_dict = task_dict(3)
+    lm = cached(model, tmp_path)
+    lm.generate_until([gen_request(i) for i in range(3)])
+    lm.cache_close()
+    with sqlite3.connect(tmp_path / "cache.db") as conn:  # one entry from the previous version
+        conn.execute("UPDATE entries SET key_schema = 'lmms-cache/key/1' WHERE doc_id = 0")
+    stats = cli_json("stats", tmp_path)
+    assert stats["entries"] == 3 and stats["old_schema_entries"] == 1
+    assert "prune --old-schema" in run_cli("stats", tmp_path).stdout
+    assert cli_json("prune", tmp_path, "--old-schema")["removed"] == 1
+    assert cli_json("stats", tmp_path)["old_schema_entries"] == 0
+    again = FakeModel()
+    again.task_dict = task_dict(3)
+    rerun = cached(again, tmp_path)
+    rerun.generate_until([gen_request(i) for i in range(1, 3)])
+    assert rerun.cache_stats.hits == 2

@@ -152,7 +152,8 @@ def test_image_pixels_are_hashed_as_tobytes_gives_them(mode, size):
     img = Image.frombytes("RGB", size, rng.randbytes(size[0] * size[1] * 3)).convert(mode)
     h = xxhash.xxh3_128(f"{img.mode}:{img.size[0]}x{img.size[1]}:".encode())
     if img.mode in ("P", "PA"):
-        h.update(bytes(img.getpalette() or ()))
+        h.update(img.palette.mode.encode() + b":")
+        h.update(bytes(img.getpalette(rawmode=img.palette.mode) or ()))
     h.update(img.tobytes())
     assert _image_digest(img) == h.digest()
 
@@ -303,11 +304,70 @@ def test_file_moved_keeps_its_digest(tmp_path):
     assert enc.digest([str(moved)], media=True) == before
 
 
-def test_directory_and_missing_path_hash_as_the_string(tmp_path):
+def test_a_missing_path_hashes_as_the_string(tmp_path):
     enc = Encoder()
-    assert enc.digest(str(tmp_path), media=True) == enc.digest(str(tmp_path))
     missing = str(tmp_path / "missing.jpg")
     assert enc.digest(missing, media=True) == enc.digest(missing)
+
+
+def test_a_directory_of_frames_counts_by_its_contents_not_its_path(tmp_path):
+    """llava_vid globs frame folders; mvbench's frame subsets return them."""
+    def frames(root, pixels=b"frame-", extra=()):
+        root.mkdir(parents=True)
+        for i in range(3):
+            (root / f"{i:05d}.jpg").write_bytes(pixels + bytes([i]))
+        (root / "sub").mkdir()
+        (root / "sub" / "audio.wav").write_bytes(b"wav")
+        for name in extra:
+            (root / name).write_bytes(b"x")
+        return str(root)
+
+    enc = Encoder()
+    a = enc.digest(frames(tmp_path / "a"), media=True)
+    assert a != enc.digest(str(tmp_path / "a"))  # not the path
+    assert enc.digest(frames(tmp_path / "moved" / "b"), media=True) == a  # a moved folder still hits
+    assert enc.digest(frames(tmp_path / "c", pixels=b"other-"), media=True) != a  # a rewritten frame misses
+    assert enc.digest(frames(tmp_path / "d", extra=[".hidden"]), media=True) != a  # hidden files count
+    nested = tmp_path / "e"
+    frames(nested)
+    (nested / "sub" / "audio.wav").write_bytes(b"WAV")
+    assert enc.digest(str(nested), media=True) != a  # recursive
+
+
+def test_a_symlink_in_a_directory_counts_by_its_target_text_never_followed(tmp_path):
+    (tmp_path / "one").write_bytes(b"1")
+    (tmp_path / "two").write_bytes(b"1")
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "link").symlink_to(tmp_path / "one")
+    enc = Encoder()
+    first = enc.digest(str(d), media=True)
+    (d / "link").unlink()
+    (d / "link").symlink_to(tmp_path / "two")  # same bytes behind it, another target
+    assert enc.digest(str(d), media=True) != first
+    (d / "link").unlink()
+    (d / "link").symlink_to(tmp_path / "missing")  # dangling: no error
+    assert enc.digest(str(d), media=True) not in (first, None)
+
+
+def test_a_rewritten_file_inside_a_directory_changes_its_digest_with_one_memo(tmp_path):
+    d = tmp_path / "frames"
+    d.mkdir()
+    (d / "0.jpg").write_bytes(b"a")
+    enc = Encoder()  # one FileDigests memo across both digests, as in a proxy
+    first = enc.digest(str(d), media=True)
+    (d / "0.jpg").write_bytes(b"bb")
+    assert enc.digest(str(d), media=True) != first
+
+
+def test_palette_images_differing_only_in_alpha_differ():
+    def paletted(alpha: int) -> Image.Image:
+        img = Image.new("P", (4, 4))
+        img.putpalette(bytes([255, 0, 0, alpha]) * 256, rawmode="RGBA")
+        return img
+
+    assert paletted(255).getpalette() == paletted(0).getpalette()  # RGB alone hides it
+    assert Encoder().digest(paletted(255)) != Encoder().digest(paletted(0))
 
 
 def test_chat_text_part_is_not_hashed_by_file_content(tmp_path):

@@ -29,13 +29,16 @@ GOLDEN = {
     "schema": "lmms-cache/key/2",
     "identity": "629ee5216b7542f49700d29104b5c253",
     "value": "c6c88ba3f912a675d03e7d2ec4ad5226",
-    "text": "275b4f55251e2cfea5e134307c0197a6",
-    "gen_kwargs": "8dca525dc0b1ae35d4df313eda44d85a",
-    "image": "66490dffebe907995fd5493e7ff35f2a",
+    "text": "b3fc307b5ab906a85e4ad28c5819c294",
+    "gen_kwargs": "af3da46e46a92e08511e42e0ea115199",
+    "image": "bda25a3ecdffa6fd391123c313e47f7a",
     "numpy": "dfedcb4d4393e2d832daf5ca4e9ace25",
-    "loglikelihood": "b108f62d3935e291c418ab82edb1b3f2",
-    "sampled_2nd": "1dac820cfad8df8a51b8a8c7d68ebe1a",
+    "loglikelihood": "122efc58ae46644f547681e71e5c456b",
+    "sampled_2nd": "5ed0c5e17906b3e0ad56d42d3c136f40",
     "lm_eval_tuple": "401ff552f550dc30e545a4123bd9258a",
+    "lm_eval_instance": "d264d038dabe5eab946294a33e15db11",
+    "palette": "a3a3eb99a4d8a9adac096eacdf181da2",
+    "directory": "3e7b782f07f9525894c16361fd4dd682",
 }
 
 
@@ -61,9 +64,32 @@ def _instance(request_type: str, args: tuple[Any, ...], repeats: int = 1) -> Ins
                     metadata={"task": "golden", "doc_id": 0, "repeats": repeats, "split": "test"})  # fmt: skip
 
 
+def _frames() -> str:
+    """A directory of frames with fixed names and bytes (its path never counts)."""
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="golden-frames-"))
+    for i in range(3):
+        (root / f"{i:05d}.jpg").write_bytes(bytes([i]) * 64)
+    (root / ".meta").write_text("fps=2")
+    return str(root)
+
+
+def _palette_image() -> Image.Image:
+    """A palette image whose palette has alpha (RGBA)."""
+    img = Image.new("P", (4, 2))
+    palette = b"".join(bytes([(i * 7) % 256, (i * 13) % 256, (i * 29) % 256, 128]) for i in range(256))
+    img.putpalette(palette, rawmode="RGBA")
+    img.putdata([0, 1, 2, 3, 4, 5, 6, 7])
+    return img
+
+
 def compute() -> dict[str, str]:
     """The golden keys, hex, computed from scratch."""
+    import shutil
+
     import numpy as np
+    from lm_eval.api.instance import Instance as LmInstance
 
     model = _GoldenModel()
     identity = identify(model, model_id="golden-model")
@@ -78,7 +104,7 @@ def compute() -> dict[str, str]:
     sampled = _instance("generate_until", ("Tell a story.", {"do_sample": True, "temperature": 0.8},
                                            None, 0, "golden", "test"))  # fmt: skip
     waveform = np.arange(16, dtype=np.float32).reshape(4, 4) / 7
-    return {
+    out = {
         "schema": KEY_SCHEMA.decode(),
         "identity": identity.digest,
         "value": digest({"b": [1, 2.5, True, None, "x", b"y"], "a": {"nested": (0.0, -7)}}).hex(),
@@ -89,7 +115,17 @@ def compute() -> dict[str, str]:
         "loglikelihood": keys("loglikelihood", [_instance("loglikelihood", ("Answer:", " B", _visual, 0, "golden", "test"))])[0],
         "sampled_2nd": keys("generate_until", [sampled, sampled])[1],
         "lm_eval_tuple": keys("loglikelihood", [("Question: 2+2?\nAnswer:", " 4")])[0],
+        "lm_eval_instance": keys("generate_until", [LmInstance(
+            request_type="generate_until", doc={"question": "2+2", "seed": 3}, idx=0, metadata=("arith", 7, 1),
+            arguments=("Question: 2+2?\nAnswer:", {"until": "\n", "max_gen_toks": 8}))])[0],
+        "palette": digest(_palette_image()).hex(),
     }  # fmt: skip
+    frames = _frames()
+    try:
+        out["directory"] = digest(frames, media=True).hex()
+    finally:
+        shutil.rmtree(frames)
+    return out
 
 
 def test_golden_keys_in_this_process():

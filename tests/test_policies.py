@@ -105,7 +105,7 @@ def test_explain_names_an_added_setting_a_changed_image_and_a_changed_prompt(tmp
     lm = cached(m2, tmp_path)
     lines = explain(lm, [gen_request(0, gen_kwargs={"max_new_tokens": 16, "temperature": 0, "top_p": 0.9}),
                          gen_request(1), gen_request(0, context="another question")])  # fmt: skip
-    assert lines == ["miss: gen_kwargs.top_p added: 0.9", "miss: visual: content changed",
+    assert lines == ["miss: gen_kwargs.top_p added: 0.9", "miss: doc: content changed; visual: content changed",
                      "miss: context: content changed"]  # fmt: skip
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from . import __version__, codec, harness_cache, manage
 from .identity import identify_arguments
+from .key import KEY_SCHEMA
 from .lazy import is_constructed, lazy_model
 from .proxy import CacheMissError, Options, wrap
 from .store import Entry, Store, StoreError, Where, default_location
@@ -163,6 +164,10 @@ def _stats(args: argparse.Namespace) -> int:
         row["model_label"] = name(row["model"])
     ratio = summary["raw_bytes"] / summary["bytes"] if summary["bytes"] else 1.0
     summary["compression_ratio"] = round(ratio, 2)
+    current = KEY_SCHEMA.decode()
+    old = sum(r["entries"] for r in summary.get("by_schema", ()) if r["key_schema"] != current)
+    old_bytes = sum(r["bytes"] for r in summary.get("by_schema", ()) if r["key_schema"] != current)
+    summary["old_schema_entries"] = old
     text = [
         f"cache             {summary['location']}",
         f"entries           {summary['entries']}",
@@ -171,6 +176,8 @@ def _stats(args: argparse.Namespace) -> int:
         f"on disk           {format_size(summary['file_bytes'])}",
         f"hits served       {summary['hits']}",
         f"model time saved  {summary['seconds_saved']:.1f} s",
+        *([f"old key schema    {_entries(old)} the proxy never hits ({format_size(old_bytes)}): "
+           "lmms-cache prune --old-schema drops them"] if old else []),
         "",
         _table([{**r, "model": r["model_label"], "bytes": format_size(r["bytes"])} for r in summary["by_model"]],
                ["model", "entries", "bytes", "hits", "seconds_saved"]),
@@ -272,10 +279,11 @@ def _clear(args: argparse.Namespace) -> int:
 
 
 def _prune(args: argparse.Namespace) -> int:
-    if args.max_size is None and args.older_than is None:
-        raise UsageError("prune needs --max-size and/or --older-than")
+    if args.max_size is None and args.older_than is None and not args.old_schema:
+        raise UsageError("prune needs --max-size, --older-than and/or --old-schema")
     with _open(args, readonly=False) as store:
-        removed, freed = manage.prune(store, max_size=args.max_size, older_than=args.older_than)
+        removed, freed = manage.prune(store, max_size=args.max_size, older_than=args.older_than,
+                                      old_schema=args.old_schema)  # fmt: skip
     _emit(args, {"removed": removed, "bytes": freed}, f"removed {_entries(removed)} ({format_size(freed)})")
     return EXIT_OK
 
@@ -578,6 +586,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "e.g. 20GB, 512MiB")  # fmt: skip
     prune.add_argument("--older-than", dest="older_than", type=_duration_arg, metavar="AGE",
                        help="delete entries created longer ago than this, e.g. 30d, 12h")
+    prune.add_argument("--old-schema", dest="old_schema", action="store_true",
+                       help="delete entries written under an older key schema (never hit by this version)")
     exp = command("export", _export, "write entries to a portable file (all, or those the filters select)",
                   filters=True)  # fmt: skip
     exp.add_argument("file", help="the file to write (one SQLite file; it must not exist yet)")

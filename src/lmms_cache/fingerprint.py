@@ -32,6 +32,7 @@ their 16-byte digest joins the stream, so nothing big is ever copied.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import functools
@@ -41,13 +42,14 @@ import os
 import stat
 import sys
 import types
-from collections.abc import Callable, Mapping, Set
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Set
 from pathlib import PurePath
 from typing import Any
 
 import xxhash
 
-__all__ = ["Encoder", "FileDigests", "Unfingerprintable", "digest", "digest_bytes"]
+__all__ = ["Encoder", "FileDigests", "Unfingerprintable", "digest", "digest_bytes", "source_digest"]
 
 _FILE_CHUNK = 1 << 22  # 4 MiB reads keep a 20 MB video at memory speed without a copy of it
 
@@ -62,10 +64,12 @@ def digest_bytes(data: bytes | bytearray | memoryview) -> bytes:
 
 
 class FileDigests:
-    """Content digests of files, memoized by (path, size, mtime_ns, ctime_ns, inode, device).
+    """Content digests of files, memoized by (path, size, mtime_ns, ctime_ns, inode, device),
+    and of directories (their whole tree, from the files' memoized digests).
 
     ``lookup``/``remember`` let a store persist the memo across processes; by default the
-    memo lives in this object only.
+    memo lives in this object only. :meth:`recording` lists the files and directories read
+    meanwhile, with their signatures: what a derived digest depends on.
     """
 
     def __init__(
@@ -76,6 +80,30 @@ class FileDigests:
         self._memo: dict[tuple[str, tuple[int, ...]], bytes] = {}
         self._lookup = lookup
         self._remember = remember
+        self._record: list[tuple[str, tuple[int, ...], bytes]] | None = None
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[list[tuple[str, tuple[int, ...], bytes]]]:
+        """Collect (path, signature, digest) of each file and directory read in the block
+        (a directory's signature is empty: it is re-checked by its contents)."""
+        outer, self._record = self._record, []
+        try:
+            yield self._record
+        finally:
+            inner, self._record = self._record, outer
+            if outer is not None and inner:
+                outer.extend(inner)
+
+    @staticmethod
+    def signature(path: str) -> tuple[int, ...] | None:
+        """A regular file's stat signature (None for anything else)."""
+        try:
+            st = os.stat(path)
+        except (OSError, ValueError):
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
 
     def get(self, path: str) -> bytes | None:
         """Digest of the regular file at ``path``, or None if it is not one."""
@@ -95,7 +123,51 @@ class FileDigests:
             if self._remember is not None:
                 self._remember(path, sig, found)
         self._memo[(path, sig)] = found
+        if self._record is not None:
+            self._record.append((path, sig, found))
         return found
+
+    def directory(self, path: str) -> bytes | None:
+        """Digest of the tree under the directory ``path`` (None if it is not one): the sorted
+        relative names, hidden ones included, each file by its content, each symbolic link by
+        its target text (never followed), each subdirectory the same way."""
+        try:
+            if not stat.S_ISDIR(os.stat(path).st_mode):
+                return None
+        except (OSError, ValueError):
+            return None
+        path = os.path.abspath(path)
+        h = xxhash.xxh3_128(b"dir\0")
+        outer, self._record = self._record, None  # the directory is the dependency, not its files
+        try:
+            self._walk(path, "", h)
+        finally:
+            self._record = outer
+        found = h.digest()
+        if self._record is not None:
+            self._record.append((path, (), found))
+        return found
+
+    def _walk(self, root: str, prefix: str, h: Any) -> None:
+        try:
+            entries = sorted(os.scandir(os.path.join(root, prefix) if prefix else root), key=lambda e: e.name)
+        except OSError as exc:
+            h.update(b"E" + type(exc).__name__.encode())
+            return
+        for entry in entries:
+            name = f"{prefix}/{entry.name}" if prefix else entry.name
+            label = name.encode("utf-8", "surrogateescape")
+            if entry.is_symlink():
+                target = os.readlink(entry.path).encode("utf-8", "surrogateescape")
+                h.update(b"L%d:%s%d:%s" % (len(label), label, len(target), target))
+            elif entry.is_dir(follow_symlinks=False):
+                h.update(b"D%d:%s" % (len(label), label))
+                self._walk(root, name, h)
+            elif entry.is_file(follow_symlinks=False):
+                digest = self.get(entry.path)
+                h.update(b"F%d:%s" % (len(label), label) + (digest or b"?" * 16))
+            else:  # a fifo, a socket, a device: its name only, never opened
+                h.update(b"O%d:%s" % (len(label), label))
 
 
 def _hash_file(path: str) -> bytes:
@@ -126,6 +198,22 @@ class Encoder:
         # Functions being encoded, outermost first: a recursive closure (a nested function
         # that calls itself) refers back to its position here instead of recursing forever.
         self._functions: list[int] = []
+        # Digests of big objects (images, arrays, tensors) by identity, while a call is keyed:
+        # lm-eval's image is in the request and in its document, a document's image is what
+        # doc_to_visual returns. Weak references: nothing is kept alive, a reused id is seen.
+        self.seen: dict[int, tuple[Any, bytes]] | None = None
+
+    def _once(self, v: Any, digest_of: Callable[[Any], bytes]) -> bytes:
+        seen = self.seen
+        if seen is not None:
+            found = seen.get(id(v))
+            if found is not None and found[0]() is v:
+                return found[1]
+        d = digest_of(v)
+        if seen is not None:
+            with contextlib.suppress(TypeError):  # a type without weak references: hashed each time
+                seen[id(v)] = (weakref.ref(v), d)
+        return d
 
     def digest(self, value: Any, *, media: bool = False) -> bytes:
         """The 16-byte digest of ``value``; ``media`` hashes file paths by content."""
@@ -269,13 +357,13 @@ class Encoder:
                 out += e
         elif _is_pil_image(v):
             out += b"I"
-            out += _image_digest(v)
+            out += self._once(v, _image_digest)
         elif _is_numpy_array(v):
             out += b"A"
-            out += _array_digest(v, self, media)
+            out += self._once(v, lambda a: _array_digest(a, self, media))
         elif _is_torch_tensor(v):
             out += b"A"
-            out += _tensor_digest(v)
+            out += self._once(v, _tensor_digest)
         elif _is_numpy_scalar(v):
             self._put(out, v.item(), media)
         elif dataclasses.is_dataclass(v) and not isinstance(v, type):
@@ -299,7 +387,9 @@ class Encoder:
             return None
         d = self.files.get(path)
         if d is None:
-            return None
+            # A directory of frames (llava_vid globs them; mvbench's frame subsets): by content.
+            d = self.files.directory(path)
+            return None if d is None else b"Q" + d
         suffix = os.path.splitext(path)[1].lower().encode()
         return b"P%d:%s" % (len(suffix), suffix) + d
 
@@ -412,8 +502,11 @@ def _image_digest(img: Any) -> bytes:
     head = f"{img.mode}:{img.size[0]}x{img.size[1]}:".encode()
     h.update(head)
     if img.mode in ("P", "PA"):
-        palette = img.getpalette()
-        h.update(bytes(palette or ()))
+        # The palette in its own mode: getpalette() alone gives RGB, dropping the alpha of an
+        # RGBA palette.
+        palette_mode = getattr(img.palette, "mode", "RGB") or "RGB"
+        h.update(palette_mode.encode() + b":")
+        h.update(bytes(img.getpalette(rawmode=palette_mode) or ()))
     # A transparent colour (palette index or RGB value) changes what convert("RGBA") gives.
     transparency = img.info.get("transparency")
     if transparency is not None:
@@ -490,6 +583,32 @@ def _tensor_digest(t: Any) -> bytes:
         # cannot represent.
         h.update(t.reshape(-1).view(torch.uint8).numpy().data)
     return h.digest()
+
+
+_sources: dict[tuple[str, int, int], bytes] = {}
+
+
+def source_digest(module_name: str) -> bytes | None:
+    """The digest of a loaded module's source file (memoized by its stat signature), or None
+    when it has none (built in, compiled, or not imported)."""
+    module = sys.modules.get(module_name)
+    path = getattr(module, "__file__", None)
+    if not path or not path.endswith(".py"):
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    memo_key = (path, st.st_mtime_ns, st.st_size)
+    found = _sources.get(memo_key)
+    if found is None:
+        try:
+            with open(path, "rb") as f:
+                found = xxhash.xxh3_128_digest(f.read())
+        except OSError:
+            return None
+        _sources[memo_key] = found
+    return found
 
 
 def digest(value: Any, *, media: bool = False) -> bytes:

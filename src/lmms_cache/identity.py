@@ -67,7 +67,7 @@ from typing import Any
 
 import xxhash
 
-from .fingerprint import Encoder, FileDigests, Unfingerprintable
+from .fingerprint import Encoder, FileDigests, Unfingerprintable, source_digest
 
 __all__ = ["ModelIdentity", "Tracker", "differences", "identify", "identify_arguments", "is_secret_name"]
 
@@ -1146,7 +1146,6 @@ def _is_setter(function: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
 # -- code -----------------------------------------------------------------------------------
 
 _SKIP_CODE = ("builtins", "abc", "typing", "collections", "wrapt", "torch.nn", "torch._C", "lmms_cache")
-_code_memo: dict[tuple[str, int, int], bytes] = {}
 
 
 def _code_digests(cls: type) -> dict[str, tuple[bytes, str]]:
@@ -1161,32 +1160,12 @@ def _code_digests(cls: type) -> dict[str, tuple[bytes, str]]:
         if module_name == "__main__" or module is None:
             out[f"{module_name}.{klass.__qualname__}"] = (_class_source_digest(klass), f"{module_name}:{klass.__qualname__}")
             continue
-        digest = _module_digest(module)
+        digest = source_digest(module_name)
         if digest is None:
             out[f"{module_name}.{klass.__qualname__}"] = (_class_source_digest(klass), f"{module_name}:{klass.__qualname__}")
         else:
             out[module_name] = (digest, module_name.replace(".", "/") + os.path.splitext(getattr(module, "__file__", "") or ".py")[1])
     return out
-
-
-def _module_digest(module: types.ModuleType) -> bytes | None:
-    path = getattr(module, "__file__", None)
-    if not path or not path.endswith(".py"):
-        return None
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    memo_key = (path, st.st_mtime_ns, st.st_size)
-    found = _code_memo.get(memo_key)
-    if found is None:
-        try:
-            with open(path, "rb") as f:
-                found = xxhash.xxh3_128_digest(f.read())
-        except OSError:
-            return None
-        _code_memo[memo_key] = found
-    return found
 
 
 def _class_source_digest(cls: type) -> bytes:

@@ -1,11 +1,15 @@
-"""The key of a request: what the model is asked, never where it came from.
+"""The key of a request: everything the model can read to answer it.
 
-``key = xxh3-128(schema, model identity, method, each argument by its role[, occurrence])``
+``key = xxh3-128(schema, model identity, method, each part by its role[, occurrence])``
 
+* every argument, the document's address (task, split, doc id, idx) and the whole
+  document by content (lmms-eval's ``task_dict[task][split][doc_id]``, lm-eval's
+  ``Instance.doc``): models branch on the task name and read document fields themselves;
 * computed before the model sees the request (models mutate ``gen_kwargs`` in place);
 * callables the model calls on the document are called here and their result keyed by
-  content, so the document's address (task, split, doc_id) is left out: content decides.
-  When no document can be found (no ``task_dict``) the address joins the key instead;
+  content, as the model sees it (through the derivation memo of :mod:`documents`, so a
+  hit decodes nothing); a callable that draws from the global random state makes its
+  request bypass the cache;
 * a sampled request's k-th occurrence over the proxy's lifetime is its own entry, so
   ``repeats`` stay independent samples and a rerun replays them in order.
 
@@ -22,22 +26,26 @@ from typing import Any, NamedTuple
 
 import xxhash
 
+from .documents import Derivations, encode_deps
 from .fingerprint import Encoder, Unfingerprintable, digest_bytes
 from .identity import ModelIdentity
 from .requests import (
     DOC,
     MEDIA,
     NEEDS_DOCUMENT,
+    NO_DOCUMENT,
     RESOLVE,
+    STEP,
     VALUE,
     DocumentUnavailable,
+    RandomStateMoved,
     RequestView,
     Resolver,
     document_free_result,
     view,
 )
 
-__all__ = ["KEY_SCHEMA", "KeyBuilder", "RequestKey", "is_sampling"]
+__all__ = ["KEY_SCHEMA", "Call", "KeyBuilder", "RequestKey", "is_sampling"]
 
 log = logging.getLogger("lmms_cache")
 
@@ -82,6 +90,19 @@ def is_sampling(gen_kwargs: Mapping[str, Any] | None, repeats: int) -> bool:
     return False
 
 
+class Call:
+    """What one call's keys share: digests of the callables resolved on each document, of
+    each document, and of the step functions (documents and a task's configuration may
+    change between calls, never within one)."""
+
+    __slots__ = ("documents", "resolved", "steps")
+
+    def __init__(self) -> None:
+        self.resolved: dict[Any, bytes] = {}
+        self.documents: dict[Any, tuple[bytes | None, bytes | None]] = {}  # address -> (doc, row)
+        self.steps: dict[Any, bytes] = {}
+
+
 class KeyBuilder:
     """Keys for one proxy: holds the model identity and the sampled-occurrence counts.
 
@@ -91,6 +112,7 @@ class KeyBuilder:
         encoder: the value encoder (its file digests may be persisted by the store).
         sampling: True/False forces every request sampled/deterministic; None guesses.
         warn: called once per kind of problem with a message.
+        derivations: row digests and derived media memoized (in the store, when given).
     """
 
     def __init__(
@@ -100,18 +122,31 @@ class KeyBuilder:
         encoder: Encoder,
         sampling: bool | None = None,
         warn: Callable[[str, str], None] | None = None,
+        derivations: Derivations | None = None,
     ) -> None:
         self.set_identity(identity)
         self._resolver = Resolver(model)
-        self._encoder = encoder
+        self._encoder = self.encoder = encoder
         self._sampling = sampling
         self._warn_to = warn or (lambda kind, message: log.warning(message))
         self._warned: set[str] = set()
         self._occurrences: dict[bytes, int] = {}
+        self._derived = derivations if derivations is not None else Derivations(None, encoder.files)
 
     def set_identity(self, identity: ModelIdentity) -> None:
         """Key the next requests under ``identity`` (the model changed between calls)."""
         self._prefix = KEY_SCHEMA + b"\0" + bytes.fromhex(identity.digest) + b"\0"
+
+    def new_call(self) -> Call:
+        """What the keys of one call share (documents may change between calls)."""
+        self._derived.begin_call()
+        self._encoder.seen = {}
+        return Call()
+
+    def end_call(self) -> None:
+        """Write what the call's keying memoized."""
+        self._encoder.seen = None
+        self._derived.flush()
 
     def _warn(self, kind: str, message: str) -> None:
         if kind not in self._warned:
@@ -119,23 +154,27 @@ class KeyBuilder:
             self._warn_to(kind, message)
 
     def keys(self, method: str, requests: Sequence[Any], *, count: bool = True,
-             resolved: dict[Any, bytes] | None = None) -> list[RequestKey]:  # fmt: skip
+             call: Call | None = None) -> list[RequestKey]:  # fmt: skip
         """One key per request, in order; the same object listed k times is k occurrences.
 
         ``count=False`` computes the keys the next call would get without using up sampled
-        occurrences (for explaining). ``resolved`` shares the resolved callables' digests
-        between the parts of one call keyed separately (a new dict per call).
+        occurrences (for explaining). ``call`` shares the work of the parts of one call
+        keyed separately (:meth:`new_call`).
         """
-        # (callable, document) -> digest, and callable -> digest when it needs no document;
-        # for this call only: a document or a task's configuration may change between calls.
-        if resolved is None:
-            resolved = {}
+        own = call is None
+        if call is None:
+            call = self.new_call()
         out = []
         occurrences = self._occurrences if count else dict(self._occurrences)
         prefix = self._prefix + method.encode() + b"\0"
+        try:
+            views = [view(method, request) for request in requests]
+        except TypeError as exc:
+            raise TypeError(f"{method}: {exc}") from None
+        self._prefetch(views, call)
         base = self._base
-        for request in requests:
-            rk = base(prefix, method, request, resolved)
+        for rview in views:
+            rk = base(prefix, method, rview, call)
             key = rk.key
             if rk.occurrence is not None and key is not None:
                 # Sampled: the k-th identical request over the proxy's lifetime is its own entry.
@@ -143,18 +182,15 @@ class KeyBuilder:
                 occurrences[key] = k + 1
                 rk = rk._replace(key=digest_bytes(key + b"#%d" % k), occurrence=k)
             out.append(rk)
+        if own:
+            self.end_call()
         return out
 
-    def _base(self, prefix: bytes, method: str, request: Any, resolved: dict[Any, bytes]) -> RequestKey:
+    def _base(self, prefix: bytes, method: str, rview: RequestView, call: Call) -> RequestKey:
         """The request's key before sampling: ``occurrence`` is 0 for a sampled request (the
         caller numbers it), None otherwise."""
-        try:
-            rview = view(method, request)
-        except TypeError as exc:
-            raise TypeError(f"{method}: {exc}") from None
         out = bytearray(prefix)
         put = self._encoder.put
-        need_address = False
         n = len(KEY_SCHEMA) + 1
         spans = [("model", n, n + 16), ("method", n + 17, len(out))]
         try:
@@ -162,29 +198,26 @@ class KeyBuilder:
                 out += _LABELS.get(name) or _label(name)
                 start = len(out)
                 if role is VALUE:
+                    if name == "gen_kwargs" or value is rview.gen_kwargs:
+                        value = _normalized(value)
                     put(out, value, False)
-                elif role is RESOLVE and value is not None:
-                    d = self._resolved(value, rview, resolved)
-                    if d is None:
-                        need_address = True
-                        put(out, value, False)  # the callable's code identity
+                elif role is RESOLVE:
+                    if value is not None:
+                        d = self._resolved(value, rview, call)
+                        if d is None:
+                            put(out, value, False)  # no document to call it on: its code identity
+                        else:
+                            out += d
                     else:
-                        out += d
+                        out += b"N"
                 elif role is DOC:
-                    d = self._document(rview, resolved)
-                    if d is None:
-                        need_address = True
-                    else:
-                        out += d
+                    d = self._document(rview, call)[0]
+                    out += d if d is not None else b"?"
+                elif role is STEP:
+                    out += self._step(value, call)
                 else:
                     put(out, value, role is MEDIA)
                 spans.append((name, start, len(out)))
-            if need_address:
-                for part in rview.address_args:
-                    out += _label(part.name)
-                    start = len(out)
-                    put(out, part.value, False)
-                    spans.append((part.name, start, len(out)))
         except RecursionError:
             reason = "the value is nested too deeply (or contains itself)"
             self._warn("unfingerprintable", f"lmms-cache: a {method} request bypasses the cache: {reason}")
@@ -192,7 +225,7 @@ class KeyBuilder:
         except Unfingerprintable as exc:
             self._warn("unfingerprintable", f"lmms-cache: a {method} request bypasses the cache: {exc}")
             return _request_key((None, rview, str(exc), b"", (), None))
-        except _ResolveFailed as exc:
+        except _Bypass as exc:
             return _request_key((None, rview, str(exc), b"", (), None))
         except Exception as exc:  # a value that breaks a fingerprint rule must not break the run
             self._warn(
@@ -205,8 +238,69 @@ class KeyBuilder:
         material = out  # the bytearray itself: a miss digests slices of it, a hit drops it
         return _request_key((digest_bytes(material), rview, None, material, tuple(spans), 0 if sampled else None))
 
-    def _resolved(self, fn: Any, rview: RequestView, memo: dict[Any, bytes]) -> bytes | None:
+    # -- documents ------------------------------------------------------------------------------
+
+    def _document(self, rview: RequestView, call: Call) -> tuple[bytes | None, bytes | None]:
+        """(digest of the whole document, its row digest when it is a stored dataset row)."""
+        doc = rview.doc
+        if doc is not NO_DOCUMENT:  # lm-eval: the Instance carries it; encoded by content
+            key = id(doc)
+            found = call.documents.get(key)
+            if found is None:
+                found = call.documents[key] = (self._encoder.digest(doc, media=False), None)
+            return found
+        address = rview.address
+        if address is None:
+            return None, None
+        found = call.documents.get(address)
+        if found is not None:
+            return found
+        try:
+            collection = self._resolver.collection(address[0], address[1])
+        except DocumentUnavailable as exc:
+            self._no_document(exc)
+            found = (None, None)
+        else:
+            row = self._derived.row_digest(collection, address[1], address[2])
+            if row is not None:
+                found = (b"r" + row, row)
+            else:
+                try:
+                    found = (b"c" + self._encoder.digest(self._resolver.document(address)), None)
+                except DocumentUnavailable as exc:
+                    self._no_document(exc)
+                    found = (None, None)
+        call.documents[address] = found
+        return found
+
+    def _no_document(self, exc: Exception) -> None:
+        self._warn(
+            "no-document",
+            f"lmms-cache: cannot read a request's document ({exc}); such requests are keyed by their "
+            "arguments and address only, their media by the callables' code. Set model.task_dict as "
+            "lmms-eval does to key documents and media by content.",
+        )
+
+    def _prefetch(self, views: list[RequestView], call: Call) -> None:
+        """Load the derivation memo of this chunk's documents in one round trip per function."""
+        wanted: dict[bytes, list[bytes]] = {}
+        for rview in views:
+            if rview.doc is not NO_DOCUMENT or rview.address is None:
+                continue
+            for _, value, role in rview.parts:
+                if role is RESOLVE and value is not None and document_free_result(value) is NEEDS_DOCUMENT:
+                    row = self._document(rview, call)[1]
+                    if row is None:
+                        break
+                    fp = self._derived.fingerprint(value, _callable_id(value))
+                    if fp is not None:
+                        wanted.setdefault(fp, []).append(row)
+        for fp, rows in wanted.items():
+            self._derived.prefetch(fp, rows)
+
+    def _resolved(self, fn: Any, rview: RequestView, call: Call) -> bytes | None:
         cid = _callable_id(fn)
+        memo = call.resolved
         # A callable whose result needs no document (a text task's doc_to_visual) is
         # called once per call, whatever the document.
         found = memo.get(cid)
@@ -224,46 +318,82 @@ class KeyBuilder:
         found = memo.get(memo_key)
         if found is not None:
             return found
+        row = self._document(rview, call)[1]
+        fp = self._derived.fingerprint(fn, cid) if row is not None else None
+        if fp is not None and row is not None:
+            check = self._derived.needs_check(fp)
+            if not check:
+                found = self._derived.derived(fp, row)
+                if found is not None:
+                    memo[memo_key] = found
+                    return found
+            derived = self._derive(fn, rview, address)
+            if derived is None:
+                return None
+            digest, deps = derived
+            if check:
+                known = self._derived.derived(fp, row)
+                if known is not None and known != digest:
+                    self._derived.mismatch(fp)
+            self._derived.remember(fp, row, digest, deps)
+        else:
+            derived = self._derive(fn, rview, address)
+            if derived is None:
+                return None
+            digest = derived[0]
+        memo[memo_key] = digest
+        return digest
+
+    def _derive(self, fn: Any, rview: RequestView, address: tuple[Any, Any, Any]) -> tuple[bytes, bytes | None] | None:
+        """(digest of what ``fn`` gives for the document, the files it read), by calling it."""
+        name = getattr(fn, "__qualname__", "a request callable")
         try:
             value = self._resolver.resolve(fn, address)
         except DocumentUnavailable as exc:
-            self._warn(
-                "no-document",
-                f"lmms-cache: cannot call {getattr(fn, '__qualname__', 'the request callable')} on "
-                f"its document ({exc}); keying such requests by task, split and doc_id instead of "
-                "by their media content. Set model.task_dict as lmms-eval does to key by content.",
-            )
+            self._no_document(exc)
             return None
+        except RandomStateMoved as exc:
+            self._warn(
+                f"random-state:{address[0]}",
+                f"lmms-cache: task {address[0]}: {exc}; what it gives depends on what ran before it, so its "
+                "requests bypass the cache (computed, not stored). Seed a local random.Random(doc-based "
+                "seed) in the task's function to make it cacheable.",
+            )
+            raise _Bypass(f"{name} drew from the global random state") from exc
         except Exception as exc:  # the model will call it too and meet the error itself
             self._warn(
                 "resolve-failed",
-                f"lmms-cache: {getattr(fn, '__qualname__', 'a request callable')} raised "
-                f"{type(exc).__name__} on {address}; such requests go to the model uncached.",
+                f"lmms-cache: {name} raised {type(exc).__name__} on {address}; such requests go to the model "
+                "uncached.",
             )
-            raise _ResolveFailed(
-                f"{getattr(fn, '__qualname__', 'callable')} raised {type(exc).__name__}: {exc}"
-            ) from exc
-        d = self._encoder.digest(value, media=True)
-        memo[memo_key] = d
-        return d
+            raise _Bypass(f"{name} raised {type(exc).__name__}: {exc}") from exc
+        with self._encoder.files.recording() as read:
+            digest = self._encoder.digest(value, media=True)
+        return digest, encode_deps(read)
 
-    def _document(self, rview: RequestView, memo: dict[Any, bytes]) -> bytes | None:
-        address = rview.address
-        if address is None:
-            return None
-        memo_key = (0, address)
-        found = memo.get(memo_key)
+    def _step(self, fn: Any, call: Call) -> bytes:
+        """A multi-round step function: its code, module source and configuration (what it
+        reads in later rounds is recorded as the model calls it)."""
+        cid = _callable_id(fn)
+        found = call.steps.get(cid)
         if found is None:
-            try:
-                found = self._encoder.digest(self._resolver.document(address))
-            except DocumentUnavailable:
-                return None
-            memo[memo_key] = found
+            fp = self._derived.fingerprint(fn, ("step", cid))
+            if fp is None:
+                raise Unfingerprintable(f"cannot fingerprint the step function {getattr(fn, '__qualname__', fn)!r}")
+            found = call.steps[cid] = fp
         return found
 
 
-class _ResolveFailed(Exception):
-    pass
+class _Bypass(Exception):
+    """A request that must go to the model uncached (its reason is the message)."""
+
+
+def _normalized(gen_kwargs: Any) -> Any:
+    """``until: "x"`` means ``until: ["x"]`` to both harnesses (``--gen_kwargs until=x``
+    gives the string, task YAML the list): one key for both."""
+    if type(gen_kwargs) is dict and type(gen_kwargs.get("until")) is str:
+        return {**gen_kwargs, "until": [gen_kwargs["until"]]}
+    return gen_kwargs
 
 
 _LABELS: dict[str, bytes] = {}

@@ -24,6 +24,7 @@ from typing import Any
 from . import codec
 from . import trust as _trust  # (functions here take a trust= flag)
 from .explain import differences
+from .key import KEY_SCHEMA
 from .store import Entry, SQLiteStore, Store, StoreError, Where
 from .store.sqlite import APPLICATION_ID, FILENAME
 
@@ -222,11 +223,14 @@ def verify(store: Store, *, drop: bool = False, progress: Callable[[int], None] 
 
 
 def prune(store: Store, *, max_size: int | None = None, older_than: float | None = None,
-          now: float | None = None) -> tuple[int, int]:  # fmt: skip
-    """Delete entries created more than ``older_than`` seconds before ``now`` (default: the
-    current time), then the least recently used until the values total at most ``max_size``
-    bytes; give the space back. Returns (entries, bytes)."""
+          old_schema: bool = False, now: float | None = None) -> tuple[int, int]:  # fmt: skip
+    """Delete entries written under an older key schema (``old_schema``: the proxy never
+    hits them), then those created more than ``older_than`` seconds before ``now`` (default:
+    the current time), then the least recently used until the values total at most
+    ``max_size`` bytes; give the space back. Returns (entries, bytes)."""
     before = store.stats()
+    if old_schema:
+        store.delete_where(Where(old_schema=KEY_SCHEMA.decode()))
     if older_than is not None:
         store.delete_where(Where(created_before=(_clock() if now is None else now) - older_than))
     if max_size is not None:

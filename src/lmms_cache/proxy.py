@@ -15,6 +15,7 @@ plus one warning per kind of problem.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import gc
 import json
@@ -31,6 +32,7 @@ from typing import Any
 import wrapt
 
 from . import codec, trust
+from .documents import Derivations, Recording, deps_hold, encode_deps
 from .explain import describe, explain_against
 from .fingerprint import Encoder, FileDigests
 from .identity import ModelIdentity, Tracker
@@ -461,7 +463,7 @@ class _Cache:
         location = options.path if options.path is not None else default_location()
         self.location = os.path.abspath(os.path.expanduser(location))
         self.store = self.open(options.durable)
-        files = FileDigests(lookup=self.file_lookup, remember=self.file_remember)
+        files = self.files = FileDigests(lookup=self.file_lookup, remember=self.file_remember)
         self.tracker = Tracker(model, model_id=options.model_id, settings=options.settings, files=files,
                                fixed=options.identity)  # fmt: skip
         if state is not None:
@@ -470,7 +472,9 @@ class _Cache:
         log.info("lmms-cache: %s at %s, model %s (identity %s)", self.mode, self.location, identity.label,
                  identity.digest[:12])  # fmt: skip
         log.debug("lmms-cache: model identity %s = %s", identity.digest, identity.json())
-        self.keys = KeyBuilder(identity, model, Encoder(files), sampling=options.sampling, warn=self.warn)
+        derivations = Derivations(self.store, files, writable=self.mode not in ("readonly", "off"))
+        self.keys = KeyBuilder(identity, model, Encoder(files), sampling=options.sampling, warn=self.warn,
+                               derivations=derivations)  # fmt: skip
         self.remember_model(identity)
 
     @property
@@ -566,14 +570,14 @@ class _Cache:
         todo: dict[bytes, list[int]] = {}
         jobs: list[tuple[int, bytes | None]] = []  # (first request index, key) to compute
         missed: dict[int, RequestKey] = {}  # the keys of the requests to compute
-        resolved: dict[Any, bytes] = {}  # the call's (callable, document) digests
+        call = self.keys.new_call()  # what the call's keys share (document and media digests)
         hits = bypassed = 0
         with _GcPaused():
             # Keyed and looked up a chunk at a time: a hit's key (with its ~prompt-sized
             # material) is dropped as soon as it is answered, so a call of 10,000 hits holds
             # no more than a chunk of keys at once.
             for start in range(0, len(requests), _KEY_CHUNK):
-                keys = self.keys.keys(method, requests[start : start + _KEY_CHUNK], resolved=resolved)
+                keys = self.keys.keys(method, requests[start : start + _KEY_CHUNK], call=call)
                 found = self.lookup(keys) if self.mode != "refresh" else {}
                 for i, rk in enumerate(keys, start):
                     key = rk.key
@@ -594,6 +598,7 @@ class _Cache:
                 del keys, found
             stats.hits += hits
             stats.bypassed += bypassed
+        self.keys.end_call()  # the media digests derived for keying, memoized
         if jobs and self.on_miss == "error":
             stats.refused += len(jobs)
             raise CacheMissError(method, [missed[i] for i, _ in jobs], [requests[i] for i, _ in jobs])
@@ -664,8 +669,11 @@ class _Cache:
         bar = self.bar(method, len(jobs))
         try:
             for batch in batches:
+                # A multi-round request's step function, recording what its rounds read.
+                recordings: dict[int, Recording] = {}
+                asked = [self.for_model(requests[i], keys[i], recordings, i) for i, _ in batch]
                 started = time.perf_counter()
-                responses = model_method([requests[i] for i, _ in batch], *args, **kwargs)
+                responses = model_method(asked, *args, **kwargs)
                 elapsed = time.perf_counter() - started
                 model_seconds += elapsed
                 stats.model_calls += 1
@@ -688,8 +696,12 @@ class _Cache:
                     if self.is_failure(response):
                         failures += 1
                         continue
+                    recording = recordings.get(i)
+                    if recording is not None and not recording.complete:
+                        continue  # a later round's media could not be read: nothing to check on a hit
+                    deps = encode_deps(recording.read) if recording is not None else None
                     entry = self.entry(method, key, keys[i], response, now, elapsed / len(batch),
-                                             described[key])  # fmt: skip
+                                       described[key], deps)  # fmt: skip
                     if entry is not None:
                         entries.append(entry)
                 written += self.save(entries)
@@ -704,8 +716,26 @@ class _Cache:
         stats.failures += failures
         return written, failures, model_seconds
 
+    def for_model(self, request: Any, rk: RequestKey, recordings: dict[int, Recording], i: int) -> Any:
+        """``request``, or for a multi-round one a copy whose step function records what the
+        model's later rounds read (their media are not known before the model asks)."""
+        rview = rk.view
+        if rview is None or rview.step is None or rk.key is None:
+            return request
+        args = list(getattr(request, "args", request))
+        recording = recordings[i] = Recording(args[rview.step], self.keys.encoder)
+        args[rview.step] = recording
+        if isinstance(request, tuple):
+            return tuple(args)
+        copied = copy.copy(request)
+        if hasattr(copied, "arguments"):  # lmms-eval's Instance: .args reads .arguments
+            copied.arguments = tuple(args)
+        else:
+            copied.args = tuple(args)
+        return copied
+
     def entry(self, method: str, key: bytes, rk: RequestKey, response: Any, now: float,
-                    seconds: float, described: tuple[str, str | None]) -> Entry | None:  # fmt: skip
+              seconds: float, described: tuple[str, str | None], deps: bytes | None = None) -> Entry | None:  # fmt: skip
         try:
             value = codec.encode(response)
         except Exception as exc:  # anything dill cannot serialize stays uncached
@@ -722,7 +752,7 @@ class _Cache:
                      doc_id=None if rv is None else rv.doc_id, created_at=now, model_seconds=seconds,
                      raw_size=codec.raw_size(value), used_at=now,
                      components=described[0], prompt=described[1], key_schema=_KEY_SCHEMA,
-                     origin=self.origin, signature=trust.sign(key, value))  # fmt: skip
+                     deps=deps, origin=self.origin, signature=trust.sign(key, value))  # fmt: skip
 
     # -- the store, guarded -----------------------------------------------------------------
 
@@ -756,6 +786,8 @@ class _Cache:
         origin, trusted = self.origin, self.options.trust
         for key, stored in blobs.items():
             value = stored.value
+            if stored.deps is not None and not deps_hold(stored.deps, self.files):
+                continue  # a file a later round read has changed since: a miss
             try:
                 # Full pickle only for what this user wrote here, or what the team signed;
                 # anything else loads restricted (plain values and known response types).

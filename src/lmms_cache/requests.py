@@ -7,12 +7,20 @@ tuple. :func:`view` names each argument's role for the key:
 role       how the key treats it
 =========  ==========================================================================
 value      by value (callables inside by code identity)
-media      by content: images, arrays, files named by a path
+media      by content: images, arrays, files and directories named by a path
 resolve    a callable the model calls on the document (``doc_to_visual``,
            ``doc_to_messages``, ``doc_to_target``): called here on the same
            document, the result keyed as media
-doc        the whole document, by content (the multi-round step function reads it)
+step       a multi-round step function the model calls once per round: by its
+           code, module source and configuration; the media its rounds return are
+           recorded with the entry and re-checked on a hit
+doc        the whole document, by content
 =========  ==========================================================================
+
+Every argument counts, the document's address too: lmms-eval's task, split and doc id
+(models branch on the task name), lm-eval's task name and doc id from the metadata, and
+both harnesses' ``idx``. The document is lmms-eval's ``task_dict[task][split][doc_id]``
+(what models read themselves) or lm-eval's ``Instance.doc``.
 
 lmms-eval 0.7.3 layouts (``.args``):
 
@@ -34,11 +42,12 @@ import sys
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-__all__ = ["DocumentUnavailable", "Part", "RequestView", "Resolver", "view"]
+__all__ = ["DocumentUnavailable", "Part", "RandomStateMoved", "RequestView", "Resolver", "view"]
 
-VALUE, MEDIA, RESOLVE, DOC = "value", "media", "resolve", "doc"
+VALUE, MEDIA, RESOLVE, STEP, DOC = "value", "media", "resolve", "step", "doc"
 # Keys of an lm-eval auxiliary-arguments mapping whose values the model loads as media.
 _MEDIA_KEYS = frozenset({"visual", "visuals", "image", "images", "video", "videos", "audio", "audios"})
+NO_DOCUMENT = object()
 
 
 class Part(NamedTuple):
@@ -53,35 +62,25 @@ class RequestView:
     A plain slotted class: one is built per request on the hit path.
     """
 
-    __slots__ = ("doc_id", "gen_kwargs", "has_address", "parts", "repeats", "split", "task")
+    __slots__ = ("doc", "doc_id", "gen_kwargs", "parts", "repeats", "split", "step", "task")
 
     def __init__(self, parts: list[Part], task: Any = None, split: Any = None, doc_id: Any = None,
-                 gen_kwargs: Mapping[str, Any] | None = None, repeats: int = 1,
-                 has_address: bool = False) -> None:  # fmt: skip
+                 gen_kwargs: Mapping[str, Any] | None = None, repeats: int = 1, doc: Any = NO_DOCUMENT,
+                 step: int | None = None) -> None:  # fmt: skip
         self.parts = parts
         self.task = task
         self.split = split
         self.doc_id = doc_id
         self.gen_kwargs = gen_kwargs
         self.repeats = repeats
-        self.has_address = has_address  # the address is among the arguments (lmms-eval layouts)
+        self.doc = doc  # the document itself (lm-eval), else NO_DOCUMENT: found by its address
+        self.step = step  # the argument index of a multi-round step function
 
     @property
     def address(self) -> tuple[Any, Any, Any] | None:
         if self.task is None or self.doc_id is None:
             return None
         return (self.task, self.split, self.doc_id)
-
-    @property
-    def address_args(self) -> list[Part]:
-        """The address as key parts, for requests whose media could not be resolved."""
-        if not self.has_address:
-            return []
-        return [
-            Part("doc_id", self.doc_id, VALUE),
-            Part("task", self.task, VALUE),
-            Part("split", self.split, VALUE),
-        ]
 
 
 def _args(request: Any) -> tuple[Any, ...]:
@@ -96,22 +95,25 @@ def _args(request: Any) -> tuple[Any, ...]:
     return args if isinstance(args, tuple) else (args,)
 
 
-def _metadata(request: Any) -> tuple[Any, Any, Any, int]:
-    """(task, split, doc_id, repeats) from either harness's metadata."""
+def _metadata(request: Any) -> tuple[Any, Any, Any, int, bool]:
+    """(task, split, doc_id, repeats, has_metadata) from either harness's metadata."""
     meta = getattr(request, "metadata", None)
     task = split = doc_id = None
     repeats: Any = 1
+    found = False
     if type(meta) is dict or isinstance(meta, Mapping):
         task, doc_id, split = meta.get("task"), meta.get("doc_id"), meta.get("split")
         repeats = meta.get("repeats", 1)
+        found = True
     elif isinstance(meta, tuple) and len(meta) == 3:
         task, doc_id, repeats = meta
+        found = True
     if type(repeats) is not int:
         try:
             repeats = int(repeats or 1)
         except (TypeError, ValueError):
             repeats = 1
-    return task, split, doc_id, repeats or 1
+    return task, split, doc_id, repeats or 1, found
 
 
 def _is_doc_id(v: Any) -> bool:
@@ -127,17 +129,18 @@ def _fn_or_none(v: Any) -> bool:
 
 
 # Part(name, value, role) without the namedtuple's Python-level constructor (the hit path
-# builds three per request).
+# builds several per request).
 _new = tuple.__new__
 
 
 def view(method: str, request: Any) -> RequestView:
     """Name the roles of a request's arguments (see the module notes)."""
     args = _args(request)
-    task, split, doc_id, repeats = _metadata(request)
+    task, split, doc_id, repeats, has_meta = _metadata(request)
     n = len(args)
     if n < 6 or not isinstance(args[-1], str) or not isinstance(args[-2], str) or not _is_doc_id(args[-3]):
-        return _generic(args, repeats, task, split, doc_id)
+        return _generic(request, args, repeats, task, split, doc_id, has_meta)
+    step = None
     if n == 6 and method == "generate_until" and _is_mapping(args[1]) and _fn_or_none(args[2]):
         parts = [_new(Part, ("context", args[0], VALUE)), _new(Part, ("gen_kwargs", args[1], VALUE)),
                  _new(Part, ("visual", args[2], RESOLVE))]  # fmt: skip
@@ -148,18 +151,15 @@ def view(method: str, request: Any) -> RequestView:
         gen = args[2]
     elif n == 6 and method == "generate_until_multi_round" and callable(args[1]) and _is_mapping(args[2]):
         # Chat-layout multi-round: the model calls doc_to_messages once per round (with a
-        # round index), so the messages function counts by code and the document by content.
-        parts = [
-            Part("context", args[0], VALUE), Part("messages", args[1], VALUE), Part("gen_kwargs", args[2], VALUE),
-            Part("doc", None, DOC),
-        ]  # fmt: skip
-        gen = args[2]
+        # round index): a step function; its first round's media are in the document.
+        parts = [Part("context", args[0], VALUE), Part("messages", args[1], STEP), Part("gen_kwargs", args[2], VALUE)]
+        gen, step = args[2], 1
     elif n == 7 and method == "generate_until_multi_round" and _is_mapping(args[1]):
         parts = [
             Part("context", args[0], VALUE), Part("gen_kwargs", args[1], VALUE), Part("visual", args[2], RESOLVE),
-            Part("step", args[3], VALUE), Part("doc", None, DOC),
+            Part("step", args[3], STEP),
         ]  # fmt: skip
-        gen = args[1]
+        gen, step = args[1], 3
     elif (
         n == 6
         and method == "loglikelihood"
@@ -171,11 +171,15 @@ def view(method: str, request: Any) -> RequestView:
                  _new(Part, ("visual", args[2], RESOLVE))]  # fmt: skip
         gen = None
     else:
-        return _generic(args, repeats, task, split, doc_id)
-    return RequestView(parts, args[-2], args[-1], args[-3], gen, repeats, True)
+        return _generic(request, args, repeats, task, split, doc_id, has_meta)
+    parts += [_new(Part, ("doc_id", args[-3], VALUE)), _new(Part, ("task", args[-2], VALUE)),
+              _new(Part, ("split", args[-1], VALUE)), _new(Part, ("idx", getattr(request, "idx", None), VALUE)),
+              _new(Part, ("doc", None, DOC))]  # fmt: skip
+    return RequestView(parts, args[-2], args[-1], args[-3], gen, repeats, NO_DOCUMENT, step)
 
 
-def _generic(args: tuple[Any, ...], repeats: int, task: Any, split: Any, doc_id: Any) -> RequestView:
+def _generic(request: Any, args: tuple[Any, ...], repeats: int, task: Any, split: Any, doc_id: Any,
+             has_meta: bool) -> RequestView:  # fmt: skip
     parts = []
     gen = None
     for i, a in enumerate(args):
@@ -189,7 +193,13 @@ def _generic(args: tuple[Any, ...], repeats: int, task: Any, split: Any, doc_id:
         else:  # lm-eval's auxiliary arguments: {"visual": [...]}
             for k in sorted(a, key=str):
                 parts.append(Part(f"{name}.{k}", a[k], MEDIA if k in _MEDIA_KEYS else VALUE))
-    return RequestView(parts, task, split, doc_id, gen, repeats)
+    doc = getattr(request, "doc", NO_DOCUMENT) if has_meta else NO_DOCUMENT
+    if has_meta:  # an Instance: what the model can read besides its arguments
+        parts += [_new(Part, ("doc_id", doc_id, VALUE)), _new(Part, ("task", task, VALUE)),
+                  _new(Part, ("split", split, VALUE)), _new(Part, ("idx", getattr(request, "idx", None), VALUE))]  # fmt: skip
+        if doc is not NO_DOCUMENT or task is not None:
+            parts.append(_new(Part, ("doc", doc if doc is not NO_DOCUMENT else None, DOC)))
+    return RequestView(parts, task, split, doc_id, gen, repeats, doc)
 
 
 _ARG_NAMES = tuple(f"arg{i}" for i in range(16))
@@ -199,17 +209,32 @@ class DocumentUnavailable(LookupError):
     """The model has no ``task_dict`` entry for a request's document."""
 
 
+class RandomStateMoved(RuntimeError):
+    """A callable drew from the global random state: the model, calling it after other
+    documents did, would draw something else than keying it here saw."""
+
+
 class Resolver:
     """Calls a request's callables on its document, as the model would.
 
     The global random states (``random``, numpy's, torch's) are restored after each call,
-    so keying a request never changes what the model itself would draw. Nothing is kept:
-    a call of 10,000 image requests must not hold 10,000 decoded images (the key builder
-    memoizes digests instead).
+    so keying a request never changes what the model itself would draw; a callable that
+    moved them raises :class:`RandomStateMoved` (its result depends on what ran before it).
+    Nothing is kept: a call of 10,000 image requests must not hold 10,000 decoded images
+    (the key builder memoizes digests instead).
     """
 
     def __init__(self, model: Any) -> None:
         self._model = model
+
+    def collection(self, task: Any, split: Any) -> Any:
+        """``model.task_dict[task][split]``."""
+        try:
+            return self._model.task_dict[task][split]
+        except (AttributeError, KeyError, IndexError, TypeError) as exc:
+            raise DocumentUnavailable(
+                f"no {task}/{split} in model.task_dict ({type(exc).__name__}: {exc})"
+            ) from exc
 
     def document(self, address: tuple[Any, Any, Any]) -> Any:
         """``model.task_dict[task][split][doc_id]``."""
@@ -226,6 +251,7 @@ class Resolver:
 
         Raises:
             DocumentUnavailable: no task_dict entry for the document.
+            RandomStateMoved: ``fn`` drew from a global random state.
             Exception: whatever ``fn`` raises.
         """
         constant = document_free_result(fn)
@@ -234,9 +260,14 @@ class Resolver:
         doc = self.document(address)
         states = _save_random_states()
         try:
-            return fn(doc)
+            result = fn(doc)
+            moved = _moved(states)
         finally:
             _restore_random_states(states)
+        if moved:
+            raise RandomStateMoved(f"{getattr(fn, '__qualname__', 'a request callable')} drew from the {moved} "
+                                   "random state")  # fmt: skip
+        return result
 
 
 NEEDS_DOCUMENT = object()
@@ -266,17 +297,33 @@ def _original_doc_to_visual(task_module: Any) -> Any:
     return getattr(task_class, "doc_to_visual", None) if task_class is not None else None
 
 
-def _save_random_states() -> list[tuple[Any, Any]]:
-    states: list[tuple[Any, Any]] = [(random.setstate, random.getstate())]
+def _save_random_states() -> list[tuple[str, Any, Any, Any]]:
+    """(name, setter, getter, state) of each global random state there is."""
+    states: list[tuple[str, Any, Any, Any]] = [("Python", random.setstate, random.getstate, random.getstate())]
     np = sys.modules.get("numpy")
     if np is not None:
-        states.append((np.random.set_state, np.random.get_state()))
+        states.append(("numpy", np.random.set_state, np.random.get_state, np.random.get_state()))
     torch = sys.modules.get("torch")
     if torch is not None and hasattr(torch, "get_rng_state"):
-        states.append((torch.set_rng_state, torch.get_rng_state()))
+        states.append(("torch", torch.set_rng_state, torch.get_rng_state, torch.get_rng_state()))
     return states
 
 
-def _restore_random_states(states: list[tuple[Any, Any]]) -> None:
-    for setter, state in states:
+def _moved(states: list[tuple[str, Any, Any, Any]]) -> str | None:
+    """The name of the first random state that differs from what it was saved as."""
+    for name, _, getter, before in states:
+        after = getter()
+        if name == "Python":
+            same = after == before
+        elif name == "numpy":
+            same = after[0] == before[0] and after[2:] == before[2:] and bool((after[1] == before[1]).all())
+        else:
+            same = bool((after == before).all())
+        if not same:
+            return name
+    return None
+
+
+def _restore_random_states(states: list[tuple[str, Any, Any, Any]]) -> None:
+    for _, setter, _, state in states:
         setter(state)
