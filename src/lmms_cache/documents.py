@@ -7,8 +7,9 @@ the decoding to what the model does anyway:
 * **Row digests.** A row of a ``datasets`` dataset counts by its *stored* bytes, the Arrow
   row as written, undecoded. The digests of all rows are computed in bulk, once per dataset,
   and memoized in the store under the dataset's id (its fingerprint, features, format and
-  the signatures of its files) and split. Each call re-computes the first row it needs
-  from the Arrow table and rebuilds the memo on a mismatch.
+  the signatures of its files) and split. Digests read back from the store are checked
+  against the first row needed, digested again from the table, and rebuilt on a mismatch
+  (an Arrow table in memory never changes: once per process is enough).
 * **Derived media.** What ``doc_to_visual`` / ``doc_to_messages`` / ``doc_to_target`` give
   for a row is memoized as ``(function fingerprint, row digest) -> media digest``, filled
   when a document is derived for keying (the decode the model would make anyway). The
@@ -95,9 +96,9 @@ def row_digests(collection: Any, rows: Iterable[int] | None = None) -> bytes:
     table = collection.data.table
     indices = collection._indices
     order = None if indices is None else indices.column(0).to_numpy()
-    if rows is not None:
+    if rows is not None:  # one slice per row: zero-copy (take() copies whole chunks)
         wanted = [int(order[i]) if order is not None else int(i) for i in rows]
-        return b"".join(_digest_rows(table.take(wanted)))
+        return b"".join(d for i in wanted for d in _digest_rows(table.slice(i, 1)))
     physical = b"".join(_digest_rows(table))
     if order is None:
         return physical
@@ -105,11 +106,18 @@ def row_digests(collection: Any, rows: Iterable[int] | None = None) -> bytes:
 
 
 def _digest_rows(table: Any) -> Iterable[bytes]:
-    names = table.schema.names
+    """Each row's digest: its column names (the same for every row, encoded once) and its
+    values as stored, canonically encoded."""
+    encoder = Encoder()
+    names = encoder.encode(list(table.schema.names))
+    put = encoder.put
     for batch in table.to_batches(max_chunksize=_ROW_BATCH):
         columns = [batch.column(i).to_pylist() for i in range(batch.num_columns)]
         for values in zip(*columns, strict=True):
-            yield Encoder().digest(dict(zip(names, values, strict=True)))
+            out = bytearray(names)
+            for v in values:
+                put(out, v, False)
+            yield xxhash.xxh3_128_digest(out)
 
 
 # -- functions ---------------------------------------------------------------------------------
@@ -251,6 +259,29 @@ class Recording:
 # -- the memo, per proxy -------------------------------------------------------------------------
 
 
+class Rows:
+    """One stored dataset's row digests, for the requests of one call."""
+
+    __slots__ = ("_collection", "_dataset", "_owner")
+
+    def __init__(self, owner: Derivations, collection: Any, dataset: _Dataset) -> None:
+        self._owner = owner
+        self._collection = collection
+        self._dataset = dataset
+
+    def digest(self, index: Any) -> bytes | None:
+        """Row ``index``'s digest (None for an index that is not a row's)."""
+        if type(index) is not int or index < 0:
+            return None
+        dataset = self._dataset
+        if not dataset.checked:
+            self._owner._recheck(self._collection, dataset, index)
+        digests = dataset.digests
+        if digests is None or 16 * index + 16 > len(digests):
+            return None
+        return digests[16 * index : 16 * index + 16]
+
+
 @dataclasses.dataclass
 class _Dataset:
     id: str | None
@@ -279,34 +310,32 @@ class Derivations:
         self._fingerprints: dict[Any, bytes | None] = {}
 
     def begin_call(self) -> None:
-        """A new call: documents and functions may have changed since the last."""
+        """A new call: functions and the files behind their results may have changed."""
         self._checked.clear()
         self._loaded.clear()
         self._fingerprints.clear()
-        for dataset in self._datasets.values():
-            dataset.checked = False
 
     # -- rows --
 
-    def row_digest(self, collection: Any, split: Any, index: Any) -> bytes | None:
-        """The digest of row ``index`` of ``collection`` when it is a stored dataset; None
-        when the document must be encoded by content instead."""
-        if type(index) is not int or index < 0:
-            return None
+    def rows(self, collection: Any, split: Any) -> Rows | None:
+        """The row digests of ``collection`` when it is a stored dataset (None: its documents
+        are encoded by content instead); look it up once per call."""
         dataset = self._dataset(collection, str(split))
-        if dataset is None or dataset.digests is None or 16 * index + 16 > len(dataset.digests):
-            return None
-        found = dataset.digests[16 * index : 16 * index + 16]
-        if not dataset.checked:
-            dataset.checked = True
-            if row_digests(collection, [index]) != found:  # doubt rebuilds it
-                log.info("lmms-cache: the rows of %s changed under the same fingerprint; digesting them again",
-                         dataset.id)  # fmt: skip
-                dataset.digests = self._digest_all(collection, dataset)
-                if dataset.digests is None:
-                    return None
-                found = dataset.digests[16 * index : 16 * index + 16]
-        return found
+        return None if dataset is None or dataset.digests is None else Rows(self, collection, dataset)
+
+    def row_digest(self, collection: Any, split: Any, index: Any) -> bytes | None:
+        """The digest of row ``index`` of ``collection`` (see :meth:`rows`)."""
+        rows = self.rows(collection, split)
+        return None if rows is None else rows.digest(index)
+
+    def _recheck(self, collection: Any, dataset: _Dataset, index: int) -> None:
+        """The first row a call needs, digested again from the table: doubt rebuilds the memo."""
+        dataset.checked = True
+        digests = dataset.digests
+        if digests is not None and row_digests(collection, [index]) != digests[16 * index : 16 * index + 16]:
+            log.info("lmms-cache: the rows of %s changed under the same fingerprint; digesting them again",
+                     dataset.id)  # fmt: skip
+            dataset.digests = self._digest_all(collection, dataset)
 
     def _dataset(self, collection: Any, split: str) -> _Dataset | None:
         slot = (id(collection), split)
@@ -317,9 +346,10 @@ class Derivations:
             if ident is not None:
                 stored = self._memo_read(lambda m: m.row_digests(ident, split))
                 if stored is not None and len(stored) == 16 * len(collection):
-                    dataset.digests = stored
+                    dataset.digests = stored  # checked against the first row needed
                 else:
                     dataset.digests = self._digest_all(collection, dataset)
+                    dataset.checked = True  # computed here from the table itself
             self._datasets[slot] = dataset
             # the collection stays referenced by the model's task_dict; a new object gets a new slot
         return dataset if dataset.id is not None else None

@@ -38,13 +38,14 @@ def describe(rk: RequestKey, memo: dict[bytes, tuple[str, str]] | None = None) -
     call) shares the work for settings whose canonical bytes are the same: an evaluator's
     requests nearly all carry equal ``gen_kwargs``.
     """
-    digests = rk.components()
-    d_parts = [f"{_json_str(name)}:{_json_str(d)}" for name, d in digests.items()]
+    span_list = rk.spans()
+    digests = rk.components(span_list)
+    d_parts = [f"{_quoted(name)}:{_json_str(d)}" for name, d in digests.items()]
     v_parts = []
     if rk.view is not None:
         # Settings one by one: computed here, for misses only, so that keying a hit stays
         # one pass over the request.
-        spans = {name: (a, b) for name, a, b in rk.spans}
+        spans = {name: (a, b) for name, a, b in span_list}
         for part in rk.view.parts:
             if part.role != "value" or not isinstance(part.value, Mapping):
                 continue
@@ -63,6 +64,19 @@ def describe(rk: RequestKey, memo: dict[bytes, tuple[str, str]] | None = None) -
     # index page write per stored row.
     prompt = digests.get("context") or digests.get("arg0") if rk.view is None or rk.view.address is None else None
     return '{"d":{' + ",".join(d_parts) + '},"v":{' + ",".join(v_parts) + "}}", prompt
+
+
+_QUOTED: dict[str, str] = {}
+
+
+def _quoted(name: str) -> str:
+    """A component name as a JSON string (a dozen distinct names: quoted once each)."""
+    found = _QUOTED.get(name)
+    if found is None:
+        found = _json_str(name)
+        if len(_QUOTED) < 4096:
+            _QUOTED[name] = found
+    return found
 
 
 def _settings(name: str, mapping: Mapping[Any, Any]) -> tuple[str, str]:

@@ -610,6 +610,9 @@ def _setting_field(name: str, value: Any, files: FileDigests,
     """A setting's key material and readable value, or None when it is not one."""
     if is_secret_name(name) or is_operational_name(name):
         return None
+    t = type(value)
+    if t is int or t is float or t is bool or value is None:  # most settings: no path, no secret
+        return _SCALAR_BYTES.get((t, value)) or _scalar_field(t, value), value
     if looks_like_credential(value):
         return None
     try:
@@ -623,6 +626,16 @@ def _setting_field(name: str, value: Any, files: FileDigests,
         if digest is not None:
             material += b"@" + digest
     return material, plain
+
+
+_SCALAR_BYTES: dict[tuple[type, Any], bytes] = {}
+
+
+def _scalar_field(t: type, value: Any) -> bytes:
+    material = Encoder().encode(value)
+    if len(_SCALAR_BYTES) < 4096 and not (t is float and value != value):  # (nan is not a dict key)
+        _SCALAR_BYTES[(t, value)] = material
+    return material
 
 
 def _path_digest(text: str, files: FileDigests, memo: dict[str, bytes | None] | None) -> bytes | None:
@@ -929,6 +942,24 @@ def _component_kind(value: Any) -> str | None:
     """``model``, ``tokenizer``, ``processor``, ``config``, ``client`` or None."""
     if value is None or isinstance(value, (*_PLAIN, list, tuple, dict, type)):
         return None
+    kind = _kinds.get(type(value), _UNKNOWN)
+    if kind is _UNKNOWN:
+        kind = _kinds[type(value)] = _kind_of_class(value)
+    if kind is not None:
+        return kind  # type: ignore[return-value]
+    try:
+        url = getattr(value, "base_url", None)  # an API client: per object
+    except Exception:
+        url = None
+    return "client" if url is not None and not callable(url) else None
+
+
+_UNKNOWN = object()
+# What a class's instances are (a model, a tokenizer, ...): classes are few, reads per call many.
+_kinds: dict[type, object] = {}
+
+
+def _kind_of_class(value: Any) -> str | None:
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(value, torch.nn.Module):
         return "model"
@@ -944,12 +975,6 @@ def _component_kind(value: Any) -> str | None:
         return "tokenizer"
     if "tokenizers" in sys.modules and cls.__module__.startswith("tokenizers") and cls.__name__ == "Tokenizer":
         return "tokenizer"
-    try:
-        url = getattr(value, "base_url", None)
-    except Exception:
-        url = None
-    if url is not None and not callable(url):
-        return "client"
     return None
 
 

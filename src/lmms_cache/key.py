@@ -30,7 +30,6 @@ from .documents import Derivations, encode_deps
 from .fingerprint import Encoder, Unfingerprintable, digest_bytes
 from .identity import ModelIdentity
 from .requests import (
-    DOC,
     MEDIA,
     NEEDS_DOCUMENT,
     NO_DOCUMENT,
@@ -55,21 +54,40 @@ KEY_SCHEMA = b"lmms-cache/key/2"
 class RequestKey(NamedTuple):
     """A request's key, or why it has none (``key is None``: it bypasses the cache).
 
-    ``material`` and ``spans`` are the bytes the key was hashed from and where each
-    component lies in them: :meth:`components` digests them only when needed (a miss being
-    stored or explained), so a hit pays nothing for it.
+    ``material`` is the bytes the key was hashed from, ``ends`` where each component ends in
+    them (model, method, each argument, the address, the document): :meth:`spans` and
+    :meth:`components` recover them only when needed (a miss being stored or explained), so
+    a hit pays nothing for them.
     """
 
     key: bytes | None
     view: RequestView | None
     bypass_reason: str | None = None
     material: bytes | bytearray = b""
-    spans: tuple[tuple[str, int, int], ...] = ()
+    ends: tuple[int, ...] = ()
     occurrence: int | None = None
 
-    def components(self) -> dict[str, str]:
-        """Component name -> short hex digest (model, method, each argument and setting)."""
-        out = {name: xxhash.xxh3_64_hexdigest(self.material[a:b]) for name, a, b in self.spans}
+    def spans(self) -> list[tuple[str, int, int]]:
+        """(component name, start, end) in ``material``."""
+        if not self.ends or self.view is None:
+            return []
+        n = len(KEY_SCHEMA) + 1
+        out = [("model", n, n + 16), ("method", n + 17, self.ends[0])]
+        names = [p.name for p in self.view.parts]
+        if self.view.located:
+            names += ["address", "doc"]
+        previous = self.ends[0]
+        for name, end in zip(names, self.ends[1:], strict=False):
+            start = previous + len(_LABELS.get(name) or _label(name))
+            out.append((name, start, end))
+            previous = end
+        return out
+
+    def components(self, spans: list[tuple[str, int, int]] | None = None) -> dict[str, str]:
+        """Component name -> short hex digest (model, method, each argument and setting);
+        ``spans`` when the caller has them already."""
+        material = self.material
+        out = {name: xxhash.xxh3_64_hexdigest(material[a:b]) for name, a, b in spans or self.spans()}
         if self.occurrence is not None:
             out["occurrence"] = str(self.occurrence)
         return out
@@ -95,12 +113,14 @@ class Call:
     each document, and of the step functions (documents and a task's configuration may
     change between calls, never within one)."""
 
-    __slots__ = ("documents", "resolved", "steps")
+    __slots__ = ("collections", "documents", "free", "resolved", "steps")
 
     def __init__(self) -> None:
         self.resolved: dict[Any, bytes] = {}
         self.documents: dict[Any, tuple[bytes | None, bytes | None]] = {}  # address -> (doc, row)
         self.steps: dict[Any, bytes] = {}
+        self.free: dict[Any, bool] = {}  # callable -> whether it needs the document
+        self.collections: dict[tuple[Any, Any], tuple[Any, Any]] = {}  # (task, split) -> (collection, rows)
 
 
 class KeyBuilder:
@@ -191,33 +211,57 @@ class KeyBuilder:
         caller numbers it), None otherwise."""
         out = bytearray(prefix)
         put = self._encoder.put
-        n = len(KEY_SCHEMA) + 1
-        spans = [("model", n, n + 16), ("method", n + 17, len(out))]
+        ends = [len(out)]
+        sampled = self._sampling
+        gen = rview.gen_kwargs
+        callables = rview.callables
+        resolved = 0
         try:
             for name, value, role in rview.parts:
                 out += _LABELS.get(name) or _label(name)
-                start = len(out)
                 if role is VALUE:
-                    if name == "gen_kwargs" or value is rview.gen_kwargs:
-                        value = _normalized(value)
-                    put(out, value, False)
+                    if value is gen and type(value) is dict:
+                        encoded, samples = self._settings(value, call)
+                        out += encoded
+                        if sampled is None:
+                            sampled = samples or rview.repeats > 1
+                    else:
+                        put(out, value, False)
                 elif role is RESOLVE:
                     if value is not None:
-                        d = self._resolved(value, rview, call)
+                        cid = callables[resolved] if callables is not None else None
+                        resolved += 1
+                        d = self._resolved(value, rview, call, cid)
                         if d is None:
                             put(out, value, False)  # no document to call it on: its code identity
                         else:
                             out += d
                     else:
                         out += b"N"
-                elif role is DOC:
-                    d = self._document(rview, call)[0]
-                    out += d if d is not None else b"?"
                 elif role is STEP:
                     out += self._step(value, call)
                 else:
                     put(out, value, role is MEDIA)
-                spans.append((name, start, len(out)))
+                ends.append(len(out))
+            if rview.located:
+                out += b"address="
+                address = (rview.task, rview.split, rview.doc_id, rview.idx)
+                # Memoized only for exact types (True == 1 as a dict key, not as a key's bytes).
+                exact = (type(address[0]) is str and type(address[1]) is str and type(address[2]) is int
+                         and type(address[3]) is int)  # fmt: skip
+                text = _ADDRESSES.get(address) if exact else None
+                if text is None:
+                    start = len(out)
+                    put(out, address, False)
+                    if exact and len(_ADDRESSES) < _ADDRESSES_MAX:
+                        _ADDRESSES[address] = bytes(out[start:])
+                else:
+                    out += text
+                ends.append(len(out))
+                out += b"doc="
+                d = self._document(rview, call)[0]
+                out += d if d is not None else b"?"
+                ends.append(len(out))
         except RecursionError:
             reason = "the value is nested too deeply (or contains itself)"
             self._warn("unfingerprintable", f"lmms-cache: a {method} request bypasses the cache: {reason}")
@@ -234,9 +278,29 @@ class KeyBuilder:
                 f"{type(exc).__name__}: {exc}",
             )
             return _request_key((None, rview, f"{type(exc).__name__}: {exc}", b"", (), None))
-        sampled = self._sampling if self._sampling is not None else is_sampling(rview.gen_kwargs, rview.repeats)
+        if sampled is None:
+            sampled = is_sampling(gen, rview.repeats)
         material = out  # the bytearray itself: a miss digests slices of it, a hit drops it
-        return _request_key((digest_bytes(material), rview, None, material, tuple(spans), 0 if sampled else None))
+        return _request_key((digest_bytes(material), rview, None, material, tuple(ends), 0 if sampled else None))
+
+    def _settings(self, gen_kwargs: dict[str, Any], call: Call) -> tuple[bytes, bool]:
+        """The canonical bytes of a request's generation settings. lmms-eval deep-copies one
+        task's ``generation_kwargs`` into every request: equal plain dicts are encoded once per
+        call (found by their ``repr``, which for these builtin types differs whenever their
+        canonical bytes do); with whether they ask for a sample."""
+        text = _plain_repr(gen_kwargs)
+        if text is not None:
+            found = _SETTINGS.get(text)
+            if found is not None:
+                return found
+        out = bytearray()
+        self._encoder.put(out, _normalized(gen_kwargs), False)
+        found = (bytes(out), is_sampling(gen_kwargs, 1))
+        if text is not None:
+            if len(_SETTINGS) >= 4096:
+                _SETTINGS.clear()
+            _SETTINGS[text] = found
+        return found
 
     # -- documents ------------------------------------------------------------------------------
 
@@ -249,27 +313,35 @@ class KeyBuilder:
             if found is None:
                 found = call.documents[key] = (self._encoder.digest(doc, media=False), None)
             return found
-        address = rview.address
-        if address is None:
+        task, split, doc_id = rview.task, rview.split, rview.doc_id
+        if task is None or doc_id is None:
             return None, None
+        address = (task, split, doc_id)
         found = call.documents.get(address)
         if found is not None:
             return found
-        try:
-            collection = self._resolver.collection(address[0], address[1])
-        except DocumentUnavailable as exc:
-            self._no_document(exc)
+        where = call.collections.get((task, split))
+        if where is None:
+            try:
+                collection = self._resolver.collection(task, split)
+            except DocumentUnavailable as exc:
+                self._no_document(exc)
+                where = (None, None)
+            else:
+                where = (collection, self._derived.rows(collection, split))
+            call.collections[(task, split)] = where
+        rows = where[1]
+        row = rows.digest(doc_id) if rows is not None else None
+        if row is not None:
+            found = (b"r" + row, row)
+        elif where[0] is None:
             found = (None, None)
         else:
-            row = self._derived.row_digest(collection, address[1], address[2])
-            if row is not None:
-                found = (b"r" + row, row)
-            else:
-                try:
-                    found = (b"c" + self._encoder.digest(self._resolver.document(address)), None)
-                except DocumentUnavailable as exc:
-                    self._no_document(exc)
-                    found = (None, None)
+            try:
+                found = (b"c" + self._encoder.digest(self._resolver.document(address)), None)
+            except DocumentUnavailable as exc:
+                self._no_document(exc)
+                found = (None, None)
         call.documents[address] = found
         return found
 
@@ -284,29 +356,39 @@ class KeyBuilder:
     def _prefetch(self, views: list[RequestView], call: Call) -> None:
         """Load the derivation memo of this chunk's documents in one round trip per function."""
         wanted: dict[bytes, list[bytes]] = {}
+        free = call.free
         for rview in views:
-            if rview.doc is not NO_DOCUMENT or rview.address is None:
-                continue
+            cids = []
             for _, value, role in rview.parts:
-                if role is RESOLVE and value is not None and document_free_result(value) is NEEDS_DOCUMENT:
-                    row = self._document(rview, call)[1]
-                    if row is None:
-                        break
-                    fp = self._derived.fingerprint(value, _callable_id(value))
-                    if fp is not None:
-                        wanted.setdefault(fp, []).append(row)
+                if role is not RESOLVE or value is None:
+                    continue
+                cid = _callable_id(value)
+                cids.append(cid)
+                needs = free.get(cid)
+                if needs is None:
+                    needs = free[cid] = document_free_result(value) is NEEDS_DOCUMENT
+                if not needs or rview.doc is not NO_DOCUMENT or rview.doc_id is None:
+                    continue
+                row = self._document(rview, call)[1]
+                if row is None:
+                    continue
+                fp = self._derived.fingerprint(value, cid)
+                if fp is not None:
+                    wanted.setdefault(fp, []).append(row)
+            rview.callables = cids
         for fp, rows in wanted.items():
             self._derived.prefetch(fp, rows)
 
-    def _resolved(self, fn: Any, rview: RequestView, call: Call) -> bytes | None:
-        cid = _callable_id(fn)
+    def _resolved(self, fn: Any, rview: RequestView, call: Call, cid: Any = None) -> bytes | None:
+        if cid is None:
+            cid = _callable_id(fn)
         memo = call.resolved
         # A callable whose result needs no document (a text task's doc_to_visual) is
         # called once per call, whatever the document.
         found = memo.get(cid)
         if found is not None:
             return found
-        free = document_free_result(fn)
+        free = document_free_result(fn) if call.free.get(cid) is not True else NEEDS_DOCUMENT
         if free is not NEEDS_DOCUMENT:
             d = self._encoder.digest(free, media=True)
             memo[cid] = d
@@ -386,6 +468,31 @@ class KeyBuilder:
 
 class _Bypass(Exception):
     """A request that must go to the model uncached (its reason is the message)."""
+
+
+_SCALARS = (str, int, float, bool, type(None))
+# repr of plain generation settings -> (canonical bytes, whether they sample): a pure function,
+# so shared by every call and proxy (an evaluation has a few distinct settings).
+_SETTINGS: dict[str, tuple[bytes, bool]] = {}
+# The canonical bytes of (task, split, doc_id, idx) addresses: a few thousand per evaluation.
+_ADDRESSES: dict[tuple[Any, ...], bytes] = {}
+_ADDRESSES_MAX = 200_000
+
+
+def _plain_repr(d: dict[str, Any]) -> str | None:
+    """``repr(d)`` when every value is a builtin scalar or a list/tuple of them (then equal
+    reprs mean equal canonical bytes), else None."""
+    for k, v in d.items():
+        if type(k) is not str:
+            return None
+        t = type(v)
+        if t is list or t is tuple:
+            for x in v:
+                if type(x) not in _SCALARS:
+                    return None
+        elif t not in _SCALARS:
+            return None
+    return repr(d)
 
 
 def _normalized(gen_kwargs: Any) -> Any:

@@ -14,8 +14,10 @@ resolve    a callable the model calls on the document (``doc_to_visual``,
 step       a multi-round step function the model calls once per round: by its
            code, module source and configuration; the media its rounds return are
            recorded with the entry and re-checked on a hit
-doc        the whole document, by content
 =========  ==========================================================================
+
+After the arguments, a request of either harness's ``Instance`` counts by its address
+(task, split, doc id, idx) and its whole document, by content.
 
 Every argument counts, the document's address too: lmms-eval's task, split and doc id
 (models branch on the task name), lm-eval's task name and doc id from the metadata, and
@@ -44,7 +46,7 @@ from typing import Any, NamedTuple
 
 __all__ = ["DocumentUnavailable", "Part", "RandomStateMoved", "RequestView", "Resolver", "view"]
 
-VALUE, MEDIA, RESOLVE, STEP, DOC = "value", "media", "resolve", "step", "doc"
+VALUE, MEDIA, RESOLVE, STEP = "value", "media", "resolve", "step"
 # Keys of an lm-eval auxiliary-arguments mapping whose values the model loads as media.
 _MEDIA_KEYS = frozenset({"visual", "visuals", "image", "images", "video", "videos", "audio", "audios"})
 NO_DOCUMENT = object()
@@ -62,19 +64,25 @@ class RequestView:
     A plain slotted class: one is built per request on the hit path.
     """
 
-    __slots__ = ("doc", "doc_id", "gen_kwargs", "parts", "repeats", "split", "step", "task")
+    __slots__ = ("callables", "doc", "doc_id", "gen_kwargs", "idx", "located", "parts", "repeats", "split", "step",
+                 "task")  # fmt: skip
 
     def __init__(self, parts: list[Part], task: Any = None, split: Any = None, doc_id: Any = None,
                  gen_kwargs: Mapping[str, Any] | None = None, repeats: int = 1, doc: Any = NO_DOCUMENT,
-                 step: int | None = None) -> None:  # fmt: skip
-        self.parts = parts
+                 step: int | None = None, idx: Any = None, located: bool = False) -> None:  # fmt: skip
+        self.parts = parts  # the arguments; the address and the document are keyed after them
         self.task = task
         self.split = split
         self.doc_id = doc_id
+        self.idx = idx
+        self.located = located  # an Instance: (task, split, doc_id, idx) and the document count
         self.gen_kwargs = gen_kwargs
         self.repeats = repeats
         self.doc = doc  # the document itself (lm-eval), else NO_DOCUMENT: found by its address
         self.step = step  # the argument index of a multi-round step function
+        # (id, callable, whether it reads the document) of each resolve part, in order, as the
+        # key builder finds them (it computes each once per request)
+        self.callables: list[tuple[Any, Any, bool]] | None = None
 
     @property
     def address(self) -> tuple[Any, Any, Any] | None:
@@ -84,6 +92,9 @@ class RequestView:
 
 
 def _args(request: Any) -> tuple[Any, ...]:
+    args = getattr(request, "arguments", None)  # lmms-eval's Instance (.args is a property of it)
+    if type(args) is tuple:
+        return args
     args = getattr(request, "args", None)
     if args is None:
         if isinstance(request, tuple):
@@ -136,10 +147,9 @@ _new = tuple.__new__
 def view(method: str, request: Any) -> RequestView:
     """Name the roles of a request's arguments (see the module notes)."""
     args = _args(request)
-    task, split, doc_id, repeats, has_meta = _metadata(request)
     n = len(args)
     if n < 6 or not isinstance(args[-1], str) or not isinstance(args[-2], str) or not _is_doc_id(args[-3]):
-        return _generic(request, args, repeats, task, split, doc_id, has_meta)
+        return _generic(request, args, *_metadata(request))
     step = None
     if n == 6 and method == "generate_until" and _is_mapping(args[1]) and _fn_or_none(args[2]):
         parts = [_new(Part, ("context", args[0], VALUE)), _new(Part, ("gen_kwargs", args[1], VALUE)),
@@ -171,14 +181,17 @@ def view(method: str, request: Any) -> RequestView:
                  _new(Part, ("visual", args[2], RESOLVE))]  # fmt: skip
         gen = None
     else:
-        return _generic(request, args, repeats, task, split, doc_id, has_meta)
-    parts += [_new(Part, ("doc_id", args[-3], VALUE)), _new(Part, ("task", args[-2], VALUE)),
-              _new(Part, ("split", args[-1], VALUE)), _new(Part, ("idx", getattr(request, "idx", None), VALUE)),
-              _new(Part, ("doc", None, DOC))]  # fmt: skip
-    return RequestView(parts, args[-2], args[-1], args[-3], gen, repeats, NO_DOCUMENT, step)
+        return _generic(request, args, *_metadata(request))
+    # The address is in the arguments: only the number of repeats is read from the metadata.
+    meta = getattr(request, "metadata", None)
+    repeats = meta.get("repeats", 1) if type(meta) is dict else _metadata(request)[3]
+    if type(repeats) is not int:
+        repeats = _metadata(request)[3]
+    return RequestView(parts, args[-2], args[-1], args[-3], gen, repeats or 1, NO_DOCUMENT, step,
+                       getattr(request, "idx", None), True)  # fmt: skip
 
 
-def _generic(request: Any, args: tuple[Any, ...], repeats: int, task: Any, split: Any, doc_id: Any,
+def _generic(request: Any, args: tuple[Any, ...], task: Any, split: Any, doc_id: Any, repeats: int,
              has_meta: bool) -> RequestView:  # fmt: skip
     parts = []
     gen = None
@@ -193,13 +206,9 @@ def _generic(request: Any, args: tuple[Any, ...], repeats: int, task: Any, split
         else:  # lm-eval's auxiliary arguments: {"visual": [...]}
             for k in sorted(a, key=str):
                 parts.append(Part(f"{name}.{k}", a[k], MEDIA if k in _MEDIA_KEYS else VALUE))
+    # An Instance: what the model can read besides its arguments (lm-eval's carries its doc)
     doc = getattr(request, "doc", NO_DOCUMENT) if has_meta else NO_DOCUMENT
-    if has_meta:  # an Instance: what the model can read besides its arguments
-        parts += [_new(Part, ("doc_id", doc_id, VALUE)), _new(Part, ("task", task, VALUE)),
-                  _new(Part, ("split", split, VALUE)), _new(Part, ("idx", getattr(request, "idx", None), VALUE))]  # fmt: skip
-        if doc is not NO_DOCUMENT or task is not None:
-            parts.append(_new(Part, ("doc", doc if doc is not NO_DOCUMENT else None, DOC)))
-    return RequestView(parts, task, split, doc_id, gen, repeats, doc)
+    return RequestView(parts, task, split, doc_id, gen, repeats, doc, None, getattr(request, "idx", None), has_meta)
 
 
 _ARG_NAMES = tuple(f"arg{i}" for i in range(16))
