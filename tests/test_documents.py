@@ -382,3 +382,22 @@ def test_the_step_functions_module_source_is_in_the_key(tmp_path, chunks):
     m, reqs = multi_round(chunks)
     cached(m, cache).generate_until_multi_round(reqs)
     assert m.calls == 1
+
+
+def test_one_request_calls_within_a_second_share_a_check_and_later_ones_check_again(tmp_path, task, monkeypatch):
+    import lmms_cache.documents as documents
+
+    now = [1000.0]
+    monkeypatch.setattr(documents.time, "monotonic", lambda: now[0])
+    docs = rows()
+    run(tmp_path, docs, task.doc_to_visual)
+    lm = cached(model(docs), tmp_path)
+    task.CALLS.clear()
+    for i in range(4):  # a loop of one-request calls, 0.1 s apart
+        lm.generate_until(requests(task.doc_to_visual)[i : i + 1])
+        now[0] += 0.1
+    assert lm.cache_stats.hits == 4
+    assert task.CALLS == ["q0"]  # one re-derivation for the four calls
+    now[0] += 5
+    lm.generate_until(requests(task.doc_to_visual)[2:3])
+    assert task.CALLS == ["q0", "q2"]  # a call later than a second: checked again

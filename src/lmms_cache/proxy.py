@@ -687,6 +687,7 @@ class _Cache:
                     )
                 entries = []
                 now = time.time()
+                signing = trust.secret()
                 for (i, key), response in zip(batch, responses, strict=True):
                     if key is None:
                         results[i] = response
@@ -701,7 +702,7 @@ class _Cache:
                         continue  # a later round's media could not be read: nothing to check on a hit
                     deps = encode_deps(recording.read) if recording is not None else None
                     entry = self.entry(method, key, keys[i], response, now, elapsed / len(batch),
-                                       described[key], deps)  # fmt: skip
+                                       described[key], deps, signing)  # fmt: skip
                     if entry is not None:
                         entries.append(entry)
                 written += self.save(entries)
@@ -735,7 +736,8 @@ class _Cache:
         return copied
 
     def entry(self, method: str, key: bytes, rk: RequestKey, response: Any, now: float,
-              seconds: float, described: tuple[str, str | None], deps: bytes | None = None) -> Entry | None:  # fmt: skip
+              seconds: float, described: tuple[str, str | None], deps: bytes | None = None,
+              signing: bytes | None = None) -> Entry | None:  # fmt: skip
         try:
             value = codec.encode(response)
         except Exception as exc:  # anything dill cannot serialize stays uncached
@@ -752,7 +754,8 @@ class _Cache:
                      doc_id=None if rv is None else rv.doc_id, created_at=now, model_seconds=seconds,
                      raw_size=codec.raw_size(value), used_at=now,
                      components=described[0], prompt=described[1], key_schema=_KEY_SCHEMA,
-                     deps=deps, origin=self.origin, signature=trust.sign(key, value))  # fmt: skip
+                     deps=deps, origin=self.origin,
+                     signature=trust.sign_with(signing, key, value))  # fmt: skip
 
     # -- the store, guarded -----------------------------------------------------------------
 

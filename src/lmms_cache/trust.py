@@ -30,6 +30,7 @@ __all__ = [
     "may_load_trusted",
     "secret",
     "sign",
+    "sign_with",
     "signature_valid",
 ]
 
@@ -67,10 +68,14 @@ def sign(key: bytes, blob: bytes) -> bytes | None:
         ...     signature_valid(b"key", b"value", s), signature_valid(b"other key", b"value", s)
         (True, False)
     """
-    key_bytes = secret()
-    if key_bytes is None:
+    return sign_with(secret(), key, blob)
+
+
+def sign_with(secret_bytes: bytes | None, key: bytes, blob: bytes) -> bytes | None:
+    """:func:`sign` with the secret read already (a batch of entries reads it once)."""
+    if secret_bytes is None:
         return None
-    return hmac.digest(key_bytes, _message(key, blob), "sha256")
+    return hmac.digest(secret_bytes, _message(key, blob), "sha256")
 
 
 def signature_valid(key: bytes, blob: bytes, signature: bytes | None) -> bool:
