@@ -226,7 +226,7 @@ def check_consistent(store: RedisStore) -> dict[str, Any]:
         chunk = keys[start : start + 1000]
         for k, meta, blob in zip(chunk, c.mget([p + b"m:" + k for k in chunk]),
                                  c.mget([p + b"v:" + k for k in chunk]), strict=True):  # fmt: skip
-            m = json.loads(meta)
+            m = json.loads(meta[: meta.index(b"\0")])  # the JSON part; the components follow
             assert m[8] == len(blob) - redis_backend._header_length(blob), "size is the envelope's"
             parsed[k] = m
 
@@ -234,25 +234,30 @@ def check_consistent(store: RedisStore) -> dict[str, Any]:
         return b"n" if task is None else b"s:" + task.encode()
 
     # indexes
-    by_task: dict[bytes, set[bytes]] = {}
+    loose: dict[bytes, set[bytes]] = {}  # per task, entries without a document
     by_model: dict[bytes, set[bytes]] = {}
-    by_doc: dict[bytes, set[bytes]] = {}
+    by_doc: dict[bytes, dict[bytes, set[bytes]]] = {}  # per task, per document
     by_prompt: dict[bytes, set[bytes]] = {}
     for k, m in parsed.items():
-        by_task.setdefault(task_enc(m[3]), set()).add(k)
-        by_model.setdefault(m[1].encode(), set()).add(k)
         if m[5] is not None:
-            by_doc.setdefault(task_enc(m[3]) + b"\0" + m[5].encode(), set()).add(k)
-        if m[10] is not None:
-            by_prompt.setdefault(m[10].encode(), set()).add(k)
-    for prefix, expected in ((b"i:t:", by_task), (b"i:m:", by_model)):
+            by_doc.setdefault(task_enc(m[3]), {}).setdefault(m[5].encode(), set()).add(k)
+        else:
+            loose.setdefault(task_enc(m[3]), set()).add(k)
+        by_model.setdefault(m[1].encode(), set()).add(k)
+        if m[9] is not None:
+            by_prompt.setdefault(m[9].encode(), set()).add(k)
+    for prefix, expected in ((b"i:t:", loose), (b"i:m:", by_model)):
         found = {n[len(p) + len(prefix) :]: c.smembers(n) for n in names if n.startswith(p + prefix)}
         assert found == expected
-    for name, expected in ((b"i:d", by_doc), (b"i:p", by_prompt)):
-        packed = c.hgetall(p + name)
+
+    def packed_index(name: bytes) -> dict[bytes, set[bytes]]:
+        packed = c.hgetall(name)
         found = {f: set(redis_backend._unpack_keys(v)) for f, v in packed.items()}
         assert all(len(v) % 16 == 0 and len(v) // 16 == len(found[f]) for f, v in packed.items()), "no duplicates"
-        assert found == expected
+        return found
+
+    assert {n[len(p) + 4 :]: packed_index(n) for n in names if n.startswith(p + b"i:d:")} == by_doc
+    assert packed_index(p + b"i:p") == by_prompt
     # counters
     def sums(selected: list[bytes]) -> dict[str, float]:
         ms = [parsed[k] for k in selected]
@@ -273,21 +278,22 @@ def check_consistent(store: RedisStore) -> dict[str, Any]:
     groups = {
         b"g:m": {m[1].encode() for m in parsed.values()},
         b"g:t": {task_enc(m[3]) for m in parsed.values()},
-        b"g:s": {m[11].encode() for m in parsed.values()},
+        b"g:s": {m[10].encode() for m in parsed.values()},
     }
     for registry, members in groups.items():
         assert c.smembers(p + registry) == members
         group_names = {n for n in names if n.startswith(p + registry + b":")}
         assert group_names == {p + registry + b":" + g for g in members}, "no counters of empty groups"
         for g in members:
-            column = {b"g:m": 1, b"g:t": 3, b"g:s": 11}[registry]
+            column = {b"g:m": 1, b"g:t": 3, b"g:s": 10}[registry]
             selected = [k for k, m in parsed.items()
                         if (task_enc(m[column]) if registry == b"g:t" else m[column].encode()) == g]  # fmt: skip
             assert same(counters(p + registry + b":" + g), sums(selected))
-    known = {p + s for s in (b"t", b"u", b"c", b"h", b"i:d", b"i:p", b"g:m", b"g:t", b"g:s", b"models", b"layout")}
+    known = {p + s for s in (b"t", b"u", b"c", b"h", b"i:p", b"g:m", b"g:t", b"g:s", b"models", b"layout")}
     for n in names:
         rest = n[len(p) :]
-        assert n in known or rest[:2] in (b"v:", b"m:") or rest[:4] in (b"i:t:", b"i:m:", b"g:m:", b"g:t:", b"g:s:"), n
+        assert n in known or rest[:2] in (b"v:", b"m:") or rest[:4] in (b"i:d:", b"i:t:", b"i:m:", b"g:m:", b"g:t:",
+                                                                           b"g:s:"), n  # fmt: skip
     return {"keys": keys, "meta": parsed, "hits": hits, "totals": totals}
 
 
@@ -302,19 +308,22 @@ def test_the_layout_is_the_documented_one(store: RedisStore) -> None:
     names = {n[len(p) :] for n in c.scan_iter(match=p + b"*")}
     per_entry = {b"v:" + key(i) for i in (1, 2, 3)} | {b"m:" + key(i) for i in (1, 2, 3)}
     assert names - per_entry == {
-        b"t", b"u", b"c", b"h", b"i:d", b"i:p", b"models", b"layout",
-        b"i:t:s:mme", b"i:t:n", b"i:t:s:t", b"i:m:m1", b"i:m:m2",
+        b"t", b"u", b"c", b"h", b"i:p", b"models", b"layout",
+        b"i:d:s:mme", b"i:t:n", b"i:d:s:t", b"i:m:m1", b"i:m:m2",
         b"g:m", b"g:m:m1", b"g:m:m2", b"g:t", b"g:t:s:mme", b"g:t:n", b"g:t:s:t",
         b"g:s", b"g:s:lmms-cache/key/2", b"g:s:" + LEGACY_KEY_SCHEMA.encode(),
     }  # fmt: skip
-    assert c.hgetall(p + b"i:d") == {b"s:mme\0i:17": key(1), b"s:t\0i:3": key(3)}
+    assert c.hgetall(p + b"i:d:s:mme") == {b"i:17": key(1)}
+    assert c.hgetall(p + b"i:d:s:t") == {b"i:3": key(3)}
+    assert c.smembers(p + b"i:t:n") == {key(2)}  # no document
     assert c.hgetall(p + b"i:p") == {b"ab12": key(2)}
     assert c.hgetall(p + b"h") == {key(1): b"2"}
     assert c.zscore(p + b"u", key(1)) == 5e9
     assert c.get(p + b"layout") == b"lmms-cache/redis/1"
     blob = c.get(p + b"v:" + key(1))
     assert blob.endswith(b"value 1") and len(blob) == redis_backend._header_length(blob) + len(b"value 1")
-    assert json.loads(c.get(p + b"m:" + key(1)))[1:6] == ["m1", "generate_until", "mme", "test", "i:17"]
+    meta = c.get(p + b"m:" + key(1))
+    assert json.loads(meta[: meta.index(b"\0")])[1:6] == ["m1", "generate_until", "mme", "test", "i:17"]
     check_consistent(store)
 
 
@@ -406,6 +415,15 @@ def test_empty_and_none_fields_stay_apart(either: Store) -> None:
     one, two = either.get(key(1)), either.get(key(2))
     assert one is not None and two is not None
     assert (one.components, one.task, two.components, two.task) == ("", "", None, None)
+
+
+def test_components_are_kept_exactly_and_long_ones_compressed(store: RedisStore) -> None:
+    long = json.dumps({"d": {f"gen_kwargs.setting_{i}": f"{i:016x}" for i in range(12)}, "v": {"x": "\0é"}})
+    store.put_many([entry(1, components=long), entry(2, components="{}"), entry(3, components=None),
+                    entry(4, components="")])  # fmt: skip
+    assert [e.components for e in store.scan()] == [long, "{}", None, ""]
+    meta = raw_client(store).get(store._p + b"m:" + key(1))
+    assert len(meta) < len(long) and json.loads(meta[: meta.index(b"\0")])[11] == 2  # zstd
 
 
 def test_a_non_finite_model_time_is_stored_as_zero(either: Store) -> None:

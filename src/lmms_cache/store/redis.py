@@ -14,15 +14,16 @@ prefix and ``K`` an entry's 16 key bytes (raw, not hex: half the memory):
                       so a lookup is one ``MGET``.
 ``P m:K``             string: the rest of the metadata, a compact JSON array (model,
                       method, task, split, typed doc_id, model seconds, raw size, size,
-                      components, prompt, key schema), read by management and by the Lua
-                      functions that delete or replace the entry.
+                      prompt, key schema), a NUL, then the components (zstd when smaller):
+                      read by management and by the functions that delete or replace it.
 ``P u``               sorted set: K by last use (``used_at``): LRU eviction, ``recent_first``.
 ``P c``               sorted set: K by creation time: ``--older-than``, oldest-first scans.
 ``P h``               hash: K -> hit count (only entries with hits).
-``P i:t:<task>``      set of K per task (``n`` for none, ``s:<task>`` otherwise).
+``P i:d:<task>``      hash per task (``n`` for none, ``s:<task>`` otherwise): document ->
+                      the 16-byte keys of its entries, packed (the document as ``i:17`` or
+                      ``s:17``: the id keeps its type). Its values are the task's entries.
+``P i:t:<task>``      set: K of the task's entries without a document.
 ``P i:m:<model>``     set of K per model identity digest.
-``P i:d``             hash: ``<task>\\0<doc>`` -> the 16-byte keys of that document, packed
-                      (doc as ``i:17`` or ``s:17``: the id keeps its type).
 ``P i:p``             hash: prompt digest -> the packed keys of entries without a document.
 ``P t``               hash: totals, exact: ``n`` entries, ``b`` value bytes, ``r`` raw bytes,
                       ``h`` hits, ``s`` model seconds saved by hits, ``ms`` model seconds.
@@ -106,6 +107,9 @@ _SCAN_PAGE = 256  # entries per round trip of scan()
 _CHUNK = 500  # entries per call of a deleting function
 _PREFIX_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _META_VERSION = 1
+_NO_COMPONENTS, _RAW_COMPONENTS, _ZSTD_COMPONENTS = 0, 1, 2
+_COMPRESS_COMPONENTS = 128  # components of at least this many bytes are tried with zstd
+_local = threading.local()  # zstd (de)compressors are not thread-safe
 
 
 # -- the Lua functions ------------------------------------------------------------------------
@@ -209,31 +213,40 @@ end
 
 -- What the indexes and counters need of a stored entry's metadata (nil: unreadable).
 local function parse(meta)
+  local cut = string.find(meta, '\0', 1, true)  -- the JSON part ends at the first NUL
+  if cut then meta = string.sub(meta, 1, cut - 1) end
   local ok, t = pcall(cjson.decode, meta)
-  if not ok or type(t) ~= 'table' or type(t[2]) ~= 'string' or type(t[12]) ~= 'string' then
+  if not ok or type(t) ~= 'table' or type(t[2]) ~= 'string' or type(t[11]) ~= 'string' then
     return nil
   end
   local task_enc = 'n'
   if type(t[4]) == 'string' then task_enc = 's:' .. t[4] end
   local doc = ''
-  if type(t[6]) == 'string' then doc = task_enc .. '\0' .. t[6] end
+  if type(t[6]) == 'string' then doc = t[6] end
   local prompt = ''
-  if type(t[11]) == 'string' then prompt = t[11] end
-  return {model = t[2], task_enc = task_enc, doc = doc, prompt = prompt, schema = t[12],
+  if type(t[10]) == 'string' then prompt = t[10] end
+  return {model = t[2], task_enc = task_enc, doc = doc, prompt = prompt, schema = t[11],
           secs = tonumber(t[7]) or 0, raw = tonumber(t[8]) or 0, size = tonumber(t[9]) or 0}
 end
 
+-- A task's entries are its documents' (P i:d:<task>) and those without one (P i:t:<task>).
 local function index(P, k, m)
-  redis.call('SADD', P .. 'i:t:' .. m.task_enc, k)
+  if m.doc ~= '' then
+    packed_add(P .. 'i:d:' .. m.task_enc, m.doc, k)
+  else
+    redis.call('SADD', P .. 'i:t:' .. m.task_enc, k)
+  end
   redis.call('SADD', P .. 'i:m:' .. m.model, k)
-  if m.doc ~= '' then packed_add(P .. 'i:d', m.doc, k) end
   if m.prompt ~= '' then packed_add(P .. 'i:p', m.prompt, k) end
 end
 
 local function unindex(P, k, m)
-  redis.call('SREM', P .. 'i:t:' .. m.task_enc, k)
+  if m.doc ~= '' then
+    packed_del(P .. 'i:d:' .. m.task_enc, m.doc, k)
+  else
+    redis.call('SREM', P .. 'i:t:' .. m.task_enc, k)
+  end
   redis.call('SREM', P .. 'i:m:' .. m.model, k)
-  if m.doc ~= '' then packed_del(P .. 'i:d', m.doc, k) end
   if m.prompt ~= '' then packed_del(P .. 'i:p', m.prompt, k) end
 end
 
@@ -551,19 +564,52 @@ def _split(blob: bytes) -> tuple[float, str | None, bytes | None, bytes | None, 
 
 
 def _meta(e: Entry, doc: str | None, seconds: float, schema: str) -> bytes:
-    return json.dumps(
-        [_META_VERSION, e.model, e.method, e.task, e.split, doc, seconds, e.raw_size, len(e.value), e.components,
-         e.prompt, schema],
-        ensure_ascii=False, separators=(",", ":"),
-    ).encode("utf-8", "surrogatepass")  # fmt: skip
+    """The JSON array the Lua functions read, a NUL (JSON text never holds one), then the
+    components (the largest field, read only to explain misses): as they are, or zstd when
+    that is smaller. Neither escaped inside the JSON nor parsed by Lua."""
+    if e.components is None:
+        kind, body = _NO_COMPONENTS, b""
+    else:
+        body = _utf8(e.components)
+        kind = _RAW_COMPONENTS
+        if len(body) >= _COMPRESS_COMPONENTS:
+            packed = _components_compressor().compress(body)
+            if len(packed) < len(body):
+                kind, body = _ZSTD_COMPONENTS, packed
+    head = json.dumps([_META_VERSION, e.model, e.method, e.task, e.split, doc, seconds, e.raw_size, len(e.value),
+                       e.prompt, schema, kind], ensure_ascii=False, separators=(",", ":"))  # fmt: skip
+    return head.encode("utf-8", "surrogatepass") + b"\0" + body
+
+
+def _components_compressor() -> Any:
+    c = getattr(_local, "compressor", None)
+    if c is None:
+        import zstandard
+
+        c = _local.compressor = zstandard.ZstdCompressor(level=3, write_checksum=False, write_dict_id=False)
+    return c
+
+
+def _components(kind: int, body: bytes) -> str | None:
+    if kind == _NO_COMPONENTS:
+        return None
+    if kind == _ZSTD_COMPONENTS:
+        d = getattr(_local, "decompressor", None)
+        if d is None:
+            import zstandard
+
+            d = _local.decompressor = zstandard.ZstdDecompressor()
+        body = d.decompress(body)
+    return body.decode("utf-8", "surrogatepass")
 
 
 def _entry(key: bytes, meta: bytes, head: bytes, value: bytes, hits: int, used_at: float) -> Entry:
-    m = json.loads(meta.decode("utf-8", "surrogatepass"))
+    cut = meta.index(b"\0")
+    m = json.loads(meta[:cut].decode("utf-8", "surrogatepass"))
     created, origin, signature, deps, _ = _split(head)
     return Entry(key=key, value=value, model=m[1], method=m[2], task=m[3], split=m[4], doc_id=_doc_dec(m[5]),
-                 created_at=created, model_seconds=m[6], raw_size=m[7], components=m[9], hits=hits,
-                 used_at=used_at, prompt=m[10], key_schema=m[11], deps=deps, origin=origin,
+                 created_at=created, model_seconds=m[6], raw_size=m[7], components=_components(m[11], meta[cut + 1 :]),
+                 hits=hits, used_at=used_at, prompt=m[9], key_schema=m[10], deps=deps, origin=origin,
                  signature=signature)  # fmt: skip
 
 
@@ -921,7 +967,7 @@ class RedisStore(Store):
             args += [
                 e.key, _header(created, e.origin, e.signature, e.deps) + e.value, _meta(e, doc, seconds, schema),
                 repr(float(created)), repr(float(used)), str(int(e.hits)), _utf8(e.model), task,
-                b"" if doc is None else task + b"\0" + doc.encode(), b"" if e.prompt is None else _utf8(e.prompt),
+                b"" if doc is None else _utf8(doc), b"" if e.prompt is None else _utf8(e.prompt),
                 _utf8(schema), str(len(e.value)), str(int(e.raw_size)), repr(seconds),
             ]  # fmt: skip
         new = self._run("writing", "put", args)
@@ -980,14 +1026,14 @@ class RedisStore(Store):
     def similar(self, method: str, *, task: str | None, doc_id: int | str | None, prompt: str | None,
                 limit: int = 50) -> list[Entry]:  # fmt: skip
         forms = doc_id_forms(doc_id) if task is not None and doc_id is not None else ()
-        fields = [_task_enc(task) + b"\0" + (_doc_enc(f) or "").encode() for f in forms]
+        fields = [_utf8(_doc_enc(f) or "") for f in forms]
         if not fields and prompt is None:
             return []
 
         def action(client: _redis.Redis) -> list[Any]:
             pipe = client.pipeline(transaction=False)
             if fields:
-                pipe.hmget(self._p + b"i:d", fields)
+                pipe.hmget(self._p + b"i:d:" + _task_enc(task), fields)
             if prompt is not None:
                 pipe.hget(self._p + b"i:p", _utf8(prompt))
             return pipe.execute()
@@ -1165,22 +1211,33 @@ class RedisStore(Store):
         narrows it (everything)."""
         p = self._p
         if where.doc_id is not None:
-            forms = [(_doc_enc(f) or "").encode() for f in doc_id_forms(where.doc_id)]
+            forms = [_utf8(_doc_enc(f) or "") for f in doc_id_forms(where.doc_id)]
             if where.task is not None:
                 tasks = [_task_enc(where.task)]
             else:
                 tasks = sorted(self._call("scanning", lambda client: client.smembers(p + b"g:t")))
-            fields = [t + b"\0" + f for t in tasks for f in forms]
-            if not fields:
+            if not forms or not tasks:
                 return []
-            packed = self._call("scanning", lambda client: client.hmget(p + b"i:d", fields))
-            return list(dict.fromkeys(_unpack_keys(b"".join(b for b in packed if b))))
+
+            def documents(client: _redis.Redis) -> list[Any]:
+                pipe = client.pipeline(transaction=False)
+                for t in tasks:
+                    pipe.hmget(p + b"i:d:" + t, forms)
+                return pipe.execute()
+
+            packed = b"".join(b for reply in self._call("scanning", documents) for b in reply if b)
+            return list(dict.fromkeys(_unpack_keys(packed)))
         if where.task is not None:
-            task_set = p + b"i:t:" + _task_enc(where.task)
-            if where.models is not None and len(where.models) == 1:
-                model_set = p + b"i:m:" + _utf8(where.models[0])
-                return sorted(self._call("scanning", lambda client: client.sinter([task_set, model_set])))
-            return sorted(self._call("scanning", lambda client: client.smembers(task_set)))
+            task = _task_enc(where.task)
+
+            def of_task(client: _redis.Redis) -> list[Any]:
+                pipe = client.pipeline(transaction=False)
+                pipe.hvals(p + b"i:d:" + task)  # its documents' entries
+                pipe.smembers(p + b"i:t:" + task)  # and those without a document
+                return pipe.execute()
+
+            with_documents, loose = self._call("scanning", of_task)
+            return sorted({*_unpack_keys(b"".join(with_documents)), *loose})
         if where.models is not None:
             sets = [p + b"i:m:" + _utf8(m) for m in where.models]
             return sorted(self._call("scanning", lambda client: client.sunion(sets)))
