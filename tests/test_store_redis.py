@@ -829,6 +829,24 @@ def test_a_server_without_config_is_warned_that_it_could_not_be_checked(
     assert "could not check" in warned and "noeviction" in warned and "appendonly yes" in warned
 
 
+def test_a_user_without_config_and_info_works_and_is_warned(own_server: Callable[..., RedisServer],
+                                                            caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    """A managed service's ACL: no CONFIG, no INFO. The store works; stats lack the server's memory."""
+    srv = own_server()
+    admin = srv.client()
+    admin.acl_setuser("app", enabled=True, passwords=["+app-pw"], keys=["*"], channels=["*"],
+                      commands=["+@all", "-config", "-info"])  # fmt: skip
+    admin.close()
+    with caplog.at_level(logging.INFO, logger="lmms_cache"):
+        store = RedisStore(f"redis://app:app-pw@127.0.0.1:{srv.port}/0?prefix=acl")
+        store.put_many([entry(1)])
+        stats = store.stats()
+        store.close()
+    assert (stats["entries"], stats["file_bytes"]) == (1, 0)
+    (warned,) = warnings_of(caplog)
+    assert "could not check" in warned
+
+
 # -- faults -----------------------------------------------------------------------------------
 
 

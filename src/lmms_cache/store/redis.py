@@ -893,8 +893,11 @@ class RedisStore(Store):
         if use is not False:
             try:
                 if not client.function_list(library=_LIBRARY):
-                    with contextlib.suppress(ResponseError):  # another client won the race
+                    try:
                         client.function_load(_library_code())
+                    except ResponseError as exc:
+                        if "already exists" not in str(exc):  # not another client winning the race
+                            raise
                 use = True
             except ResponseError as exc:
                 if use or "unknown command" not in str(exc).lower():
@@ -1057,9 +1060,13 @@ class RedisStore(Store):
             pipe = client.pipeline(transaction=False)
             pipe.hmget(self._totals, [b"n", b"b", b"r"])
             pipe.info("memory")
-            return pipe.execute()
+            replies = pipe.execute(raise_on_error=False)
+            if isinstance(replies[0], Exception):
+                raise replies[0]
+            return replies
 
         (n, b, r), memory = self._call("reading statistics", action)
+        # INFO may be refused (managed services, ACLs): the server's memory is then unknown (0).
         used = int(memory.get("used_memory", 0)) if isinstance(memory, dict) else 0
         # file_bytes: what the cache occupies where it lives; here the server's whole memory
         # (it may hold other caches under other prefixes).
