@@ -999,11 +999,12 @@ def test_a_dead_server_is_skipped_and_found_again(own_server: Callable[..., Redi
     store.close()
 
 
+@pytest.mark.parametrize("functions", [True, False], ids=["functions", "evalsha"])
 def test_out_of_memory_rejects_whole_batches_and_still_reads_and_deletes(
-    own_server: Callable[..., RedisServer]
+    own_server: Callable[..., RedisServer], functions: bool
 ) -> None:
     srv = own_server()
-    store = RedisStore(srv.url())
+    store = RedisStore(srv.url(), functions=functions)
     store.put_many([entry(i) for i in range(10)])
     admin = srv.client()
     used = int(admin.info("memory")["used_memory"])

@@ -38,8 +38,8 @@ prefix and ``K`` an entry's 16 key bytes (raw, not hex: half the memory):
 clients of different versions never replace each other's code). A batch is one function
 call: atomic (no other client sees half of it, and a server killed in the middle of it
 keeps none of it: its effects reach the append-only file together, after it ran), and
-idempotent (run twice, it leaves what it left once), because redis-py resends a command
-after a reconnect. Functions that may grow memory carry no ``allow-oom`` flag, so a server
+idempotent (run twice, it leaves what it left once): a batch whose reply was lost with a
+broken connection is sent again. Functions that may grow memory carry no ``allow-oom`` flag, so a server
 over ``maxmemory`` rejects the whole batch before its first write; deleting and evicting
 carry it, so a full server can still be pruned. Functions rather than ``EVALSHA``: the
 flags, and they survive ``SCRIPT FLUSH`` and reach replicas and the append-only file with
