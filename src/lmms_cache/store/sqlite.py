@@ -44,6 +44,7 @@ _LOOKUP_CHUNK = 900  # bound parameters per SELECT ... IN (...)
 _DIGEST = 16  # bytes of one row digest in row_digests
 _SCAN_PAGE = 256  # rows per query of scan()
 _EVICT_PAGE = 1000  # least recently used rows looked at per eviction query
+_BEGIN_STEP_MS = 50  # SQLite's busy wait per attempt of BEGIN IMMEDIATE (see _begin)
 
 _NETWORK_FS = frozenset(
     {
@@ -365,14 +366,13 @@ class SQLiteStore(Store):
         not newer than this code. Reads only."""
         # One read transaction: another process may be creating the schema right now, and
         # its tables must not be seen without its application_id.
-        conn.execute("BEGIN")
         try:
+            conn.execute("BEGIN")
             app_id = conn.execute("PRAGMA application_id").fetchone()[0]
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
         finally:
-            with contextlib.suppress(sqlite3.Error):  # keep the error that ended the reads
-                conn.execute("ROLLBACK")
+            _rollback(conn)  # (on failure the caller closes the connection anyway)
         if app_id == 0:
             if tables:
                 raise StoreError(
@@ -392,9 +392,9 @@ class SQLiteStore(Store):
     def _create_schema(self, conn: sqlite3.Connection) -> None:
         """Create the schema of a new file, or upgrade an older one: in one transaction,
         which whoever gets the write lock first does (the ranks of a node open together)."""
-        conn.execute("BEGIN IMMEDIATE")
         version = None
-        try:
+        try:  # BEGIN included: the caller closes a connection this leaves in a transaction
+            conn.execute("BEGIN IMMEDIATE")
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             self._check_version(version)
             if version == 0:
@@ -407,8 +407,7 @@ class SQLiteStore(Store):
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except BaseException as exc:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
+            _rollback(conn)  # (a connection left in a transaction is closed by the caller)
             if version == 1 and isinstance(exc, sqlite3.Error) and not any(m in str(exc) for m in _CORRUPT):
                 raise StoreError(f"cannot upgrade the cache at {self.path} from schema 1 to {SCHEMA_VERSION} "
                                  f"(it is left as it was): {exc}") from exc  # fmt: skip
@@ -505,14 +504,41 @@ class SQLiteStore(Store):
             raise StoreError(f"{self.path} is open read-only")
         with self._lock, self._errors(what):
             conn = self._conn()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            try:  # BEGIN included: an interrupt right after it must not keep the lock
+                self._begin(conn)
                 yield conn
                 conn.execute("COMMIT")
             except BaseException:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
+                if not _rollback(conn):
+                    self._discard(conn)  # closing rolls back and releases the locks
                 raise
+
+    def _begin(self, conn: sqlite3.Connection) -> None:
+        """``BEGIN IMMEDIATE``, waiting for another writer up to the timeout in short steps:
+        SQLite's own wait would hold a Ctrl-C until the lock came (or the timeout passed)."""
+        deadline = time.monotonic() + self._timeout
+        delay = 0.001
+        conn.execute(f"PRAGMA busy_timeout = {_BEGIN_STEP_MS}")
+        try:
+            while True:
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    return
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) or time.monotonic() >= deadline:
+                        raise
+                time.sleep(delay)  # where a Ctrl-C lands: outside any transaction
+                delay = min(delay * 2, 0.05)
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {int(self._timeout * 1000)}")
+
+    def _discard(self, conn: sqlite3.Connection) -> None:
+        """Close a connection that cannot be trusted to be clean; the next use reconnects."""
+        if conn is self._conn_obj:
+            self._conn_obj = None
+        if self._conn_pid == os.getpid():
+            with contextlib.suppress(BaseException):
+                conn.close()
 
     # -- the interface ------------------------------------------------------------------
 
@@ -801,6 +827,17 @@ class SQLiteStore(Store):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state.pop("directory"), **state)  # type: ignore[misc]
+
+
+def _rollback(conn: sqlite3.Connection) -> bool:
+    """End any transaction ``conn`` is in; whether it is now outside one. Never raises an
+    SQLite error: the caller re-raises the error that ended the transaction."""
+    try:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        return not conn.in_transaction
+    except sqlite3.Error:
+        return False
 
 
 def _where(where: Where, cols: _Columns) -> tuple[str, list[Any]]:
