@@ -20,6 +20,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+
+# Imported before any fork: a child running as another user may not reach the files.
+import encodings.ascii
+import encodings.latin_1  # noqa: F401
 import json
 import logging
 import os
@@ -36,7 +40,6 @@ from typing import Any
 
 import pytest
 
-# Imported before any fork: a child running as another user may not reach the files.
 import lmms_cache.codec
 import lmms_cache.manage
 import lmms_cache.proxy

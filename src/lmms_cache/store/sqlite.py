@@ -22,10 +22,13 @@ Why these settings:
 from __future__ import annotations
 
 import contextlib
+import grp
 import logging
 import os
+import pwd
 import re
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -44,6 +47,8 @@ _LOOKUP_CHUNK = 900  # bound parameters per SELECT ... IN (...)
 _DIGEST = 16  # bytes of one row digest in row_digests
 _SCAN_PAGE = 256  # rows per query of scan()
 _EVICT_PAGE = 1000  # least recently used rows looked at per eviction query
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_TRUST_HINT = "use a directory of your own, or pass trust=True (--trust) if you trust the other users"
 _BEGIN_STEP_MS = 50  # SQLite's busy wait per attempt of BEGIN IMMEDIATE (see _begin)
 
 _NETWORK_FS = frozenset(
@@ -253,7 +258,12 @@ class SQLiteStore(Store):
         return self._conn_obj
 
     def _connect(self) -> None:
-        self._check_owner()
+        if not self.readonly:
+            try:
+                os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(f"cannot create the cache at {self.directory}: {exc}") from exc
+        self._check_location()
         try:
             conn, version = self._open_readonly() if self.readonly else self._open_readwrite()
         except sqlite3.DatabaseError as exc:
@@ -271,9 +281,8 @@ class SQLiteStore(Store):
         self._conn_pid = os.getpid()
 
     def _open_readwrite(self) -> tuple[sqlite3.Connection, int]:
-        os.makedirs(self.directory, mode=0o700, exist_ok=True)
-        with contextlib.suppress(FileExistsError):
-            os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        with contextlib.suppress(FileExistsError):  # (O_EXCL never follows a link)
+            os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | _NOFOLLOW, 0o600))
         conn = sqlite3.connect(
             self.path, timeout=self._timeout, isolation_level=None, check_same_thread=False
         )
@@ -347,19 +356,57 @@ class SQLiteStore(Store):
             raise
         return conn, version
 
-    def _check_owner(self) -> None:
-        """Values are pickles, and loading a pickle runs code: a cache written by another
-        user is refused unless the caller trusts it."""
+    def _check_location(self) -> None:
+        """Refuse a place where another user could plant or swap files that we would then
+        write through or load (values are pickles, and loading a pickle runs code).
+
+        The directory must be the user's (or root's) and writable by nobody else, unless
+        ``trust``: a read-only open also accepts a sticky directory such as /tmp, where
+        nobody can replace a file of ours. A symbolic link at the database, ``-wal`` or
+        ``-shm`` path is refused even when trusted; a file of another user unless trusted.
+        Files of ours with a wider mode than 0600 are narrowed to it.
+        """
+        me = os.geteuid()
         try:
-            owner = os.stat(self.path).st_uid
-        except OSError:
-            return
-        if owner != os.geteuid() and not self._trust:
-            raise StoreError(
-                f"{self.path} belongs to another user (uid {owner}); its values are pickles and "
-                "loading them would run code that user wrote. Trust it explicitly (trust=True, "
-                "or --trust on the command line) to use it."
-            )
+            link = os.lstat(self.directory)
+            st = os.stat(self.directory)
+        except FileNotFoundError:
+            return  # read-only: there is no cache to open (said by the open)
+        except OSError as exc:
+            raise StoreError(f"cannot use the cache directory {self.directory}: {exc}") from exc
+        trust = self._trust
+        if stat.S_ISLNK(link.st_mode) and link.st_uid not in (me, 0) and not trust:
+            raise StoreError(f"the cache directory {self.directory} is a symbolic link made by another user (uid "
+                             f"{link.st_uid}); {_TRUST_HINT}")  # fmt: skip
+        if not trust and st.st_uid not in (me, 0):
+            raise StoreError(f"the cache directory {self.directory} belongs to another user (uid {st.st_uid}): "
+                             f"files they plant or swap there would be used as yours; {_TRUST_HINT}")  # fmt: skip
+        others_write = st.st_mode & 0o002 or (st.st_mode & 0o020 and not _private_group(st.st_gid))
+        if others_write and not trust and not (self.readonly and st.st_mode & stat.S_ISVTX):
+            raise StoreError(f"the cache directory {self.directory} is writable by other users (mode "
+                             f"{stat.S_IMODE(st.st_mode):o}): they could plant or swap files in it. Make it yours "
+                             f"alone (chmod go-w {self.directory}), or {_TRUST_HINT}")  # fmt: skip
+        for suffix in ("", "-wal", "-shm"):
+            path = self.path + suffix
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise StoreError(f"cannot use the cache file {path}: {exc}") from exc
+            if stat.S_ISLNK(st.st_mode):
+                raise StoreError(f"{path} is a symbolic link; the cache never writes through one (another user "
+                                 "may have planted it to make you overwrite a file). Remove it to use this cache.")  # fmt: skip
+            if not stat.S_ISREG(st.st_mode):
+                raise StoreError(f"{path} is not a regular file; not touching it")
+            if st.st_uid != me and not trust:
+                raise StoreError(
+                    f"{path} belongs to another user (uid {st.st_uid}); its values are pickles and "
+                    "loading them would run code that user wrote. Trust it explicitly (trust=True, "
+                    "or --trust on the command line) to use it."
+                )
+            if st.st_uid == me and stat.S_IMODE(st.st_mode) & 0o077:
+                _narrow(path)
 
     def _check_ours(self, conn: sqlite3.Connection) -> int:
         """The file's schema version (0: a new, empty file), after checking it is ours and
@@ -827,6 +874,32 @@ class SQLiteStore(Store):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state.pop("directory"), **state)  # type: ignore[misc]
+
+
+def _private_group(gid: int) -> bool:
+    """Whether group ``gid`` is the user's private group (named like the user, the user's
+    primary group, no other listed member): group write there is write by the user alone."""
+    try:
+        user = pwd.getpwuid(os.geteuid())
+        group = grp.getgrgid(gid)
+    except (KeyError, OSError):
+        return False
+    return gid == user.pw_gid and group.gr_name == user.pw_name and set(group.gr_mem) <= {user.pw_name}
+
+
+def _narrow(path: str) -> None:
+    """Make a file of ours 0600 (through a descriptor: never through a link)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | _NOFOLLOW)
+    except OSError:
+        return
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.fchmod(fd, 0o600)
+    except OSError:
+        pass  # a read-only file system: nothing to narrow it with
+    finally:
+        os.close(fd)
 
 
 def _rollback(conn: sqlite3.Connection) -> bool:
