@@ -22,6 +22,7 @@ Why these settings:
 from __future__ import annotations
 
 import contextlib
+import errno
 import grp
 import logging
 import os
@@ -49,6 +50,8 @@ _SCAN_PAGE = 256  # rows per query of scan()
 _EVICT_PAGE = 1000  # least recently used rows looked at per eviction query
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _TRUST_HINT = "use a directory of your own, or pass trust=True (--trust) if you trust the other users"
+_REOPEN_EVERY = 10.0  # seconds between attempts of a degraded store to open for writing
+_FULL_BELOW = 1 << 20  # free bytes under which a failing write is put down to a full disk
 _BEGIN_STEP_MS = 50  # SQLite's busy wait per attempt of BEGIN IMMEDIATE (see _begin)
 
 _NETWORK_FS = frozenset(
@@ -242,6 +245,10 @@ class SQLiteStore(Store):
         self._conn_pid: int | None = None
         self._conn_obj: sqlite3.Connection | None = None
         self._cols = _V2
+        self.degraded: str | None = None  # why a store opened for writing only reads for now
+        self._retry_at = 0.0  # when (monotonic) a degraded store next tries to open for writing
+        self._immutable: tuple[Any, ...] | None = None  # the files' stat when read without locks
+        self._creating = False  # opening got as far as creating or upgrading the schema
         self._connect()
 
     # -- connection ---------------------------------------------------------------------
@@ -252,10 +259,36 @@ class SQLiteStore(Store):
                 _INHERITED.append(self._conn_obj)
                 self._conn_obj = None
             self._connect()
-        elif self._cols is not _V2:
-            self._follow_upgrade(self._conn_obj)
+        else:
+            if self.degraded is not None or self._immutable is not None:
+                self._refresh()
+            if self._cols is not _V2 and self._conn_obj is not None:
+                self._follow_upgrade(self._conn_obj)
         assert self._conn_obj is not None
         return self._conn_obj
+
+    def _refresh(self) -> None:
+        """A degraded store tries to open for writing again, at most every ``_REOPEN_EVERY``
+        seconds; a connection reading without locks (``immutable``) is replaced as soon as
+        the files change: its reads are exact only while nobody writes."""
+        if self.degraded is not None and time.monotonic() >= self._retry_at:
+            self._retry_at = time.monotonic() + _REOPEN_EVERY
+            try:
+                self._check_location()
+                conn, version = self._open_readwrite()
+            except (sqlite3.Error, OSError, StoreError):
+                pass
+            else:
+                if self._conn_obj is not None:
+                    self._discard(self._conn_obj)
+                self._conn_obj, self._conn_pid = conn, os.getpid()
+                self._cols, self.degraded, self._immutable = _V1 if version == 1 else _V2, None, None
+                log.info("lmms-cache: the cache at %s can be written again", self.path)
+                return
+        if self._immutable is not None and self._immutable != _file_state(self.path):
+            if self._conn_obj is not None:
+                self._discard(self._conn_obj)
+            self._connect()
 
     def _connect(self) -> None:
         if not self.readonly:
@@ -264,8 +297,9 @@ class SQLiteStore(Store):
             except OSError as exc:
                 raise StoreError(f"cannot create the cache at {self.directory}: {exc}") from exc
         self._check_location()
+        self._immutable = None
         try:
-            conn, version = self._open_readonly() if self.readonly else self._open_readwrite()
+            conn, version = self._open_readonly() if self.readonly else self._open_writable()
         except sqlite3.DatabaseError as exc:
             if self.readonly or not any(m in str(exc) for m in _CORRUPT):
                 raise StoreError(f"cannot open the cache at {self.path}: {exc}") from exc
@@ -279,6 +313,43 @@ class SQLiteStore(Store):
         self._cols = _V1 if version == 1 else _V2
         self._conn_obj = conn
         self._conn_pid = os.getpid()
+
+    def _open_writable(self) -> tuple[sqlite3.Connection, int]:
+        """Open for writing; where that cannot be done (a full disk leaves no room for the
+        WAL index, a read-only mount or directory), open the existing file to read instead:
+        ``degraded`` says why, and :meth:`_refresh` tries writing again later."""
+        self._creating = False
+        try:
+            opened = self._open_readwrite()
+        except (sqlite3.OperationalError, OSError) as exc:
+            # Not when creating or upgrading the schema failed: that raises, as it was.
+            if self._creating or not _unwritable(exc) or not os.path.isfile(self.path):
+                raise
+            conn, version = opened = self._open_readonly()
+            if version == 0:  # an empty file: nothing to read
+                conn.close()
+                raise exc from None
+            self.degraded = self._why_unwritable(exc)
+            self._retry_at = time.monotonic() + _REOPEN_EVERY
+            return opened
+        self.degraded = None
+        return opened
+
+    def _why_unwritable(self, exc: BaseException) -> str:
+        why = str(exc)
+        with contextlib.suppress(OSError):
+            fs = os.statvfs(self.directory)
+            if fs.f_flag & os.ST_RDONLY:
+                why = "it is on a read-only file system"
+            elif fs.f_bavail * fs.f_frsize < _FULL_BELOW:
+                why = f"the disk is full: {exc}"
+            elif not os.access(self.directory, os.W_OK) or not os.access(self.path, os.W_OK):
+                why = f"you cannot write to it: {exc}"
+        text = f"the cache at {self.path} cannot be written ({why}), so it is opened read-only"
+        wal = self.path + "-wal"
+        if self._immutable is not None and os.path.isfile(wal) and os.path.getsize(wal) > 0:
+            text += f", without the newest entries, which are in {wal} and need it writable"
+        return text
 
     def _open_readwrite(self) -> tuple[sqlite3.Connection, int]:
         with contextlib.suppress(FileExistsError):  # (O_EXCL never follows a link)
@@ -309,6 +380,7 @@ class SQLiteStore(Store):
             self._set_journal_mode(conn, journal)  # a read when the file has it already
             conn.execute(f"PRAGMA synchronous = {'FULL' if self._durable else 'NORMAL'}")  # per connection
             if version < SCHEMA_VERSION:
+                self._creating = True
                 self._create_schema(conn)
         except BaseException:
             conn.close()
@@ -342,9 +414,13 @@ class SQLiteStore(Store):
             # On read-only media SQLite cannot create the WAL index it needs even to read
             # ("unable to open database file"); nobody can be writing there, so immutable is
             # exact. Any other error (a writer holding the lock) must not be read around.
-            if not any(m in str(exc) for m in ("unable to open", "readonly")):
+            # A full disk answers "disk I/O error" (no room for the 32 KB WAL index). Reading
+            # without locks is exact only while nobody writes: _refresh watches the files.
+            if not any(m in str(exc) for m in ("unable to open", "readonly", "disk I/O error", "disk is full")):
                 raise
-            return self._connect_checked(uri + "?immutable=1")
+            opened = self._connect_checked(uri + "?immutable=1")
+            self._immutable = _file_state(self.path)
+            return opened
 
     def _connect_checked(self, uri: str) -> tuple[sqlite3.Connection, int]:
         conn = sqlite3.connect(uri, uri=True, timeout=self._timeout, isolation_level=None,
@@ -521,6 +597,8 @@ class SQLiteStore(Store):
     def _errors(self, what: str) -> Iterator[None]:
         try:
             yield
+            if self._immutable is not None and self._immutable != _file_state(self.path):
+                raise StoreError(f"{what} failed: {self.path} changed while it was read without locks")
         except sqlite3.Error as exc:
             if not self.readonly and any(m in str(exc) for m in _CORRUPT):
                 # Opening reads only the first page: damage further in shows up here. Set
@@ -551,6 +629,8 @@ class SQLiteStore(Store):
             raise StoreError(f"{self.path} is open read-only")
         with self._lock, self._errors(what):
             conn = self._conn()
+            if self.degraded is not None:
+                raise StoreError(self.degraded)
             try:  # BEGIN included: an interrupt right after it must not keep the lock
                 self._begin(conn)
                 yield conn
@@ -900,6 +980,30 @@ def _narrow(path: str) -> None:
         pass  # a read-only file system: nothing to narrow it with
     finally:
         os.close(fd)
+
+
+_UNWRITABLE_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT})
+_UNWRITABLE = ("disk I/O error", "disk is full", "unable to open database file", "readonly database")
+
+
+def _unwritable(exc: BaseException) -> bool:
+    """Whether an error opening for writing says the location cannot be written (rather
+    than locked, damaged or foreign)."""
+    if isinstance(exc, OSError):
+        return exc.errno in _UNWRITABLE_ERRNOS
+    return any(m in str(exc) for m in _UNWRITABLE)
+
+
+def _file_state(path: str) -> tuple[Any, ...]:
+    """What changes when anybody writes the database or its WAL: inode, size and mtime."""
+    state: list[Any] = []
+    for suffix in ("", "-wal"):
+        try:
+            st = os.stat(path + suffix)
+            state.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        except OSError:
+            state.append(None)
+    return tuple(state)
 
 
 def _rollback(conn: sqlite3.Connection) -> bool:
