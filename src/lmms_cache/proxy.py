@@ -850,9 +850,14 @@ class _Cache:
     # -- helpers ----------------------------------------------------------------------------
 
     def warn(self, kind: str, message: str) -> None:
-        if kind not in self.warned:
-            self.warned.add(kind)
+        # The store's trouble (unusable, read-only, failing, a value damaged on disk) is one
+        # warning until the store recovers (save re-arms it); what follows is logged at INFO.
+        slot = "store" if kind == "decode" else kind
+        if slot not in self.warned:
+            self.warned.add(slot)
             log.warning(message)
+        elif slot == "store":
+            log.info(message)
 
     def padding(self, local_batches: int) -> int:
         lockstep = self.lockstep

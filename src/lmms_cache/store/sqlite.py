@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 
 from .base import LEGACY_KEY_SCHEMA, Entry, Store, Stored, StoreError, Where, doc_id_forms, storable_doc_id
 
-__all__ = ["SQLiteStore", "network_filesystem"]
+__all__ = ["SQLiteStore", "network_filesystem", "salvage"]
 
 log = logging.getLogger("lmms_cache")
 
@@ -249,6 +249,7 @@ class SQLiteStore(Store):
         self._retry_at = 0.0  # when (monotonic) a degraded store next tries to open for writing
         self._immutable: tuple[Any, ...] | None = None  # the files' stat when read without locks
         self._creating = False  # opening got as far as creating or upgrading the schema
+        self._inode: int | None = None  # the database file the connection opened
         self._connect()
 
     # -- connection ---------------------------------------------------------------------
@@ -303,16 +304,37 @@ class SQLiteStore(Store):
         except sqlite3.DatabaseError as exc:
             if self.readonly or not any(m in str(exc) for m in _CORRUPT):
                 raise StoreError(f"cannot open the cache at {self.path}: {exc}") from exc
-            self._set_aside(exc)
+            aside = self._set_aside(exc)
             try:
                 conn, version = self._open_readwrite()
             except sqlite3.Error as exc2:
                 raise StoreError(f"cannot open the cache at {self.path}: {exc2}") from exc2
+            self._adopt(conn, version)
+            log.warning("lmms-cache: the cache at %s was damaged (%s); it was moved to %s and a new one "
+                        "started: %s", self.path, exc, aside, self._salvage(aside))  # fmt: skip
+            return
         except OSError as exc:
             raise StoreError(f"cannot create the cache at {self.directory}: {exc}") from exc
+        self._adopt(conn, version)
+
+    def _adopt(self, conn: sqlite3.Connection, version: int) -> None:
         self._cols = _V1 if version == 1 else _V2
         self._conn_obj = conn
         self._conn_pid = os.getpid()
+        self._inode = _inode(self.path)
+
+    def _salvage(self, aside: str) -> str:
+        """Copy what reads and verifies of the file set aside into this (fresh) cache; says
+        how many entries were kept and lost."""
+        try:
+            counts = salvage(aside, self)
+        except StoreError as exc:
+            return f"none of its entries could be read ({exc})"
+        text = f"{counts['kept']} entries were kept, {counts['lost']} lost"
+        if counts.get("unsaved"):
+            text += (f" ({counts['unsaved']} could not be written here; `lmms-cache recover {aside}` "
+                     "copies them once there is room)")  # fmt: skip
+        return text
 
     def _open_writable(self) -> tuple[sqlite3.Connection, int]:
         """Open for writing; where that cannot be done (a full disk leaves no room for the
@@ -574,7 +596,7 @@ class SQLiteStore(Store):
             self._check_version(version)
             self._cols = _V2
 
-    def _set_aside(self, exc: Exception, *, quiet: bool = False) -> str:
+    def _set_aside(self, exc: Exception) -> str:
         aside = f"{self.path}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
         n = 1
         while os.path.lexists(aside):  # never overwrite the evidence of an earlier damage
@@ -588,9 +610,6 @@ class SQLiteStore(Store):
         except OSError as exc2:
             raise StoreError(f"the cache at {self.path} is damaged ({exc}) and cannot be "
                              f"moved aside ({exc2})") from exc
-        if not quiet:
-            log.warning("lmms-cache: the cache at %s was damaged (%s); it was moved to %s and a "
-                        "new one started", self.path, exc, aside)
         return aside
 
     @contextlib.contextmanager
@@ -600,28 +619,29 @@ class SQLiteStore(Store):
             if self._immutable is not None and self._immutable != _file_state(self.path):
                 raise StoreError(f"{what} failed: {self.path} changed while it was read without locks")
         except sqlite3.Error as exc:
-            if not self.readonly and any(m in str(exc) for m in _CORRUPT):
+            if not self.readonly and self.degraded is None and any(m in str(exc) for m in _CORRUPT):
                 # Opening reads only the first page: damage further in shows up here. Set
-                # the file aside now, so that one warning is all it costs and later
-                # operations work on a fresh cache.
-                aside = self._recover(exc)
-                raise StoreError(f"{what} failed: the cache at {self.path} was damaged ({exc}); "
-                                 f"it was moved to {aside} and a new one started") from exc
+                # the file aside now, keeping what still reads, so that one warning is all it
+                # costs and later operations work on a fresh cache.
+                raise StoreError(f"{what} failed: {self._recover(exc)}") from exc
             raise StoreError(f"{what} failed on {self.path}: {exc}") from exc
         except OSError as exc:
             raise StoreError(f"{what} failed on {self.path}: {exc}") from exc
 
     def _recover(self, exc: Exception) -> str:
-        if self._conn_obj is not None and self._conn_pid == os.getpid():
-            with contextlib.suppress(sqlite3.Error):
-                self._conn_obj.close()
-        self._conn_obj = None
+        """Set the damaged file aside, start a fresh one and salvage into it; what happened."""
+        if self._conn_obj is not None:
+            self._discard(self._conn_obj)
         try:
-            aside = self._set_aside(exc, quiet=True)
+            if _inode(self.path) != self._inode:  # another process set it aside already
+                self._connect()
+                return f"the cache at {self.path} was damaged ({exc}); another process has replaced it"
+            aside = self._set_aside(exc)
             self._connect()
         except StoreError as exc2:
-            return f"nowhere ({exc2})"
-        return aside
+            return f"the cache at {self.path} was damaged ({exc}) and could not be replaced ({exc2})"
+        return (f"the cache at {self.path} was damaged ({exc}); it was moved to {aside} and a new one "
+                f"started: {self._salvage(aside)}")  # fmt: skip
 
     @contextlib.contextmanager
     def _transaction(self, what: str) -> Iterator[sqlite3.Connection]:
@@ -954,6 +974,198 @@ class SQLiteStore(Store):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state.pop("directory"), **state)  # type: ignore[misc]
+
+
+_SALVAGE_BATCH = 500  # entries per transaction when salvaging
+_MAX_ID = 2**63 - 1
+
+
+def salvage(source: str, target: Store, *, batch: int = _SALVAGE_BATCH) -> dict[str, int]:
+    """Copy every entry of the cache file ``source`` that still reads and whose value
+    verifies (its checksum) into ``target``; entries already there keep their value. For a
+    damaged file set aside (``cache.db.corrupt-*``): ``source`` is only read, never changed.
+
+    Damage is stepped around: row ids are listed in order, skipping any stretch whose pages
+    cannot be read, then each row is read (by ranges, row by row where a range fails).
+    Returns ``kept`` (read and verified), ``lost`` (known entries that were not) and
+    ``total`` (what the file counted, else kept + lost); ``unsaved`` when ``target``
+    refused some (a full disk).
+
+    Raises:
+        StoreError: ``source`` cannot be read at all (no such file, not an SQLite database
+            of ours, its schema unreadable).
+    """
+    from .. import codec
+
+    existed = {suffix: os.path.lexists(source + suffix) for suffix in ("-wal", "-shm")}
+    conn = _open_damaged(source)
+    try:
+        try:
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(entries)")}
+            cols = _V2 if "signature" in columns else _V1
+            if "key" not in columns:
+                raise StoreError(f"{source} holds no cache entries")
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{source} cannot be read: {exc}") from exc
+        try:
+            total: int | None = int(conn.execute("SELECT entries FROM totals WHERE id = 0").fetchone()[0])
+        except (sqlite3.DatabaseError, TypeError):
+            total = None
+        with contextlib.suppress(sqlite3.DatabaseError):
+            for digest, description in conn.execute("SELECT digest, description FROM models").fetchall():
+                with contextlib.suppress(StoreError):
+                    target.remember_model(digest, description)
+        kept = bad = unsaved = 0
+        good: list[Entry] = []
+
+        def flush() -> None:
+            nonlocal unsaved
+            if good:
+                try:
+                    target.put_many(good, replace=False)
+                except StoreError:
+                    unsaved += len(good)
+                good.clear()
+
+        for row in _readable_rows(conn, cols.entry):
+            if row is None:
+                bad += 1
+                continue
+            e = Entry(*row)
+            if isinstance(e.key, bytes) and len(e.key) == 16 and isinstance(e.value, bytes) and codec.verify(e.value):
+                kept += 1
+                good.append(e)
+                if len(good) >= batch:
+                    flush()
+            else:
+                bad += 1
+        flush()
+    finally:
+        conn.close()
+        for suffix, was in existed.items():  # what reading created beside the file
+            if not was:
+                with contextlib.suppress(OSError):
+                    os.remove(source + suffix)
+    lost = max(bad, total - kept) if total is not None else bad
+    out = {"kept": kept, "lost": lost, "total": kept + lost}
+    if unsaved:
+        out["unsaved"] = unsaved
+    return out
+
+
+def _open_damaged(path: str) -> sqlite3.Connection:
+    if not os.path.isfile(path):
+        raise StoreError(f"no such file: {path}")
+    uri = "file:" + path.replace("?", "%3f").replace("#", "%23")
+    wal = path + "-wal"
+    # Without WAL content there is nothing to replay: read it as it is, creating nothing
+    # beside it. Otherwise read it with its WAL (immutable only where no index can be made).
+    modes = ("?mode=ro", "?immutable=1") if os.path.isfile(wal) and os.path.getsize(wal) else ("?immutable=1",)
+    for mode in modes:
+        conn = sqlite3.connect(uri + mode, uri=True, timeout=5.0, isolation_level=None, check_same_thread=False)
+        try:
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            if mode == "?mode=ro" and any(m in str(exc) for m in ("unable to open", "readonly", "disk I/O error")):
+                continue
+            raise StoreError(f"{path} cannot be read: {exc}") from exc
+        if app_id != APPLICATION_ID:
+            conn.close()
+            raise StoreError(f"{path} is not an lmms-cache file")
+        return conn
+    raise AssertionError("unreachable")
+
+
+def _readable_rows(conn: sqlite3.Connection, columns: str) -> Iterator[tuple[Any, ...] | None]:
+    """Each readable row of ``entries`` in id order, None for a row id whose row cannot be read."""
+    for chunk in _chunks(_readable_ids(conn), _SCAN_PAGE):
+        try:
+            rows = conn.execute(f"SELECT {columns} FROM entries WHERE id BETWEEN ? AND ? ORDER BY id",
+                                (chunk[0], chunk[-1])).fetchall()  # fmt: skip
+            if len(rows) == len(chunk):
+                yield from rows
+                continue
+        except sqlite3.DatabaseError:
+            pass
+        for row_id in chunk:  # the range failed: row by row
+            try:
+                yield conn.execute(f"SELECT {columns} FROM entries WHERE id = ?", (row_id,)).fetchone()
+            except sqlite3.DatabaseError:
+                yield None
+
+
+def _readable_ids(conn: sqlite3.Connection) -> Iterator[int]:
+    """The row ids of ``entries`` in order (the table's leaves only: values are not read),
+    stepping over stretches that cannot be read."""
+    start = -_MAX_ID - 1
+    while True:
+        try:
+            for (row_id,) in conn.execute("SELECT id FROM entries WHERE id >= ? ORDER BY id", (start,)):
+                yield row_id
+                if row_id >= _MAX_ID:
+                    return
+                start = row_id + 1
+            return  # read to the end
+        except sqlite3.DatabaseError:
+            pass
+        # The cursor reads a row ahead, so the damage may be a row further on: one at a time.
+        try:
+            row = conn.execute("SELECT id FROM entries WHERE id >= ? ORDER BY id LIMIT 1", (start,)).fetchone()
+        except sqlite3.DatabaseError:
+            pass
+        else:
+            if row is None:
+                return
+            yield row[0]
+            if row[0] >= _MAX_ID:
+                return
+            start = row[0] + 1
+            continue
+        # Seeking ``start`` meets the damage: find the smallest start past it that reads
+        # (doubling steps, then bisecting back), and go on from there.
+        bad, step = start, 1
+        while True:
+            probe = min(_MAX_ID, bad + step)
+            if _reads_from(conn, probe):
+                break
+            if probe >= _MAX_ID:
+                return
+            bad, step = probe, step * 2
+        good = probe
+        while good - bad > 1:
+            mid = (bad + good) // 2
+            if _reads_from(conn, mid):
+                good = mid
+            else:
+                bad = mid
+        start = good
+
+
+def _reads_from(conn: sqlite3.Connection, start: int) -> bool:
+    try:
+        conn.execute("SELECT id FROM entries WHERE id >= ? ORDER BY id LIMIT 1", (start,)).fetchall()
+        return True
+    except sqlite3.DatabaseError:
+        return False
+
+
+def _chunks(items: Iterator[int], size: int) -> Iterator[list[int]]:
+    chunk: list[int] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _inode(path: str) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
 
 
 def _private_group(gid: int) -> bool:
