@@ -188,3 +188,54 @@ def test_recover_of_a_file_that_is_not_a_cache_fails(tmp_path: Path, capsys: pyt
     assert cli.main(["recover", str(junk), str(tmp_path / "c")]) == 1
     assert "junk" in capsys.readouterr().err
     assert cli.main(["recover", str(tmp_path / "missing"), str(tmp_path / "c")]) == 1
+
+
+# -- fault 6: a stale -wal put back beside a newer database --------------------------------------
+
+
+def stale_wal_beside_newer_database(directory: Path) -> bytes:
+    """A -wal copied while the cache ran, put back after the cache grew and was closed."""
+    lm = cached(Echo(300), directory, model_id="echo", batch_size=10)
+    lm.generate_until(reqs("old", 20))
+    stale = (directory / "cache.db-wal").read_bytes()  # a backup taken while running
+    assert stale
+    lm.generate_until(reqs("newer", 200))
+    lm.cache_close()
+    assert sorted(os.listdir(directory)) == ["cache.db"]  # checkpointed; the WAL is gone
+    (directory / "cache.db-wal").write_bytes(stale)  # ... and put back
+    return (directory / "cache.db").read_bytes()
+
+
+@pytest.mark.parametrize("mode", ["readwrite", "readonly"])
+def test_a_stale_wal_beside_a_newer_database_is_refused_not_replayed(tmp_path: Path, mode: str) -> None:
+    before = stale_wal_beside_newer_database(tmp_path)
+    with warnings_during() as warnings:
+        model = Echo(300)
+        lm = cached(model, tmp_path, model_id="echo", mode=mode)
+        assert lm.generate_until(reqs("newer", 3)) == [model.answer(p) for p, _ in reqs("newer", 3)]
+        lm.cache_close()
+    assert len(warnings) == 1 and "cache.db-wal" in warnings[0] and "older than" in warnings[0], warnings
+    assert (tmp_path / "cache.db").read_bytes() == before  # not replayed, not checkpointed
+    os.remove(tmp_path / "cache.db-wal")  # what the warning says to do
+    rerun = Echo(300)
+    lm = cached(rerun, tmp_path, model_id="echo")
+    lm.generate_until(reqs("old", 20) + reqs("newer", 200))
+    lm.cache_close()
+    assert rerun.asked == []  # nothing was rolled back
+
+
+def test_a_wal_that_belongs_to_its_database_is_used(tmp_path: Path) -> None:
+    """A cache copied with its -wal (no -shm: not open) keeps the entries only the WAL holds."""
+    lm = cached(Echo(300), tmp_path / "a", model_id="echo", batch_size=10)
+    lm.generate_until(reqs("old", 50))
+    copy = tmp_path / "b"
+    copy.mkdir(mode=0o700)
+    for name in ("cache.db", "cache.db-wal"):
+        (copy / name).write_bytes((tmp_path / "a" / name).read_bytes())
+    lm.cache_close()
+    with warnings_during() as warnings:
+        rerun = Echo(300)
+        lm = cached(rerun, copy, model_id="echo")
+        lm.generate_until(reqs("old", 50))
+        lm.cache_close()
+    assert warnings == [] and rerun.asked == []

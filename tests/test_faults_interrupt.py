@@ -200,6 +200,7 @@ def test_an_interrupt_at_any_statement_of_a_write_leaves_no_transaction(
         store.close()
 
 
+@pytest.mark.slow  # a new cache per statement: ~60 fsyncs
 @pytest.mark.parametrize("after", [False, True], ids=["before", "after"])
 def test_an_interrupt_while_creating_the_schema_leaves_the_file_unlocked(
     tmp_path: Path, interrupting: type[Interrupting], after: bool

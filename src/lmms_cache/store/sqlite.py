@@ -298,6 +298,7 @@ class SQLiteStore(Store):
             except OSError as exc:
                 raise StoreError(f"cannot create the cache at {self.directory}: {exc}") from exc
         self._check_location()
+        self._check_wal()
         self._immutable = None
         try:
             conn, version = self._open_readonly() if self.readonly else self._open_writable()
@@ -505,6 +506,31 @@ class SQLiteStore(Store):
                 )
             if st.st_uid == me and stat.S_IMODE(st.st_mode) & 0o077:
                 _narrow(path)
+
+    def _check_wal(self) -> None:
+        """Refuse a ``-wal`` older than the database beside it (a backup's, put back): SQLite
+        would replay it over the newer file and roll the cache back without a word.
+
+        Told only where it is cheap and sure: with no ``-shm`` (no connection has the files
+        open, so nobody is replaying it now), from the WAL's frame headers: its last
+        transaction leaves the database smaller than the file already is. Nothing is
+        changed; opening fails, and the message says what to do."""
+        wal = self.path + "-wal"
+        try:
+            if os.path.getsize(wal) <= _WAL_HEADER or os.path.lexists(self.path + "-shm"):
+                return
+            pages_after = _wal_last_commit(wal)
+            page_size = _page_size(self.path)
+            pages = os.path.getsize(self.path) // page_size if page_size else 0
+        except OSError:
+            return
+        if pages_after and pages_after < pages:
+            raise StoreError(
+                f"{wal} is older than {self.path} beside it (its last transaction leaves the database at "
+                f"{pages_after} pages; the file has {pages}): were the files copied or restored separately? "
+                "Replaying it would roll the cache back, so the cache is not used. If cache.db is the newer "
+                "copy, move cache.db-wal away; if the -wal belongs with an older cache.db, put that one back."
+            )
 
     def _check_ours(self, conn: sqlite3.Connection) -> int:
         """The file's schema version (0: a new, empty file), after checking it is ours and
@@ -1159,6 +1185,42 @@ def _chunks(items: Iterator[int], size: int) -> Iterator[list[int]]:
             chunk = []
     if chunk:
         yield chunk
+
+
+_WAL_HEADER = 32
+_WAL_FRAME_HEADER = 24
+_WAL_MAGIC = (0x377F0682, 0x377F0683)
+
+
+def _wal_last_commit(wal: str) -> int:
+    """The database size in pages after the last committed transaction of a WAL file (its
+    frames whose salts match the header's), 0 when it holds none. Reads the headers only."""
+    with open(wal, "rb") as f:
+        header = f.read(_WAL_HEADER)
+        if len(header) < _WAL_HEADER or int.from_bytes(header[:4], "big") not in _WAL_MAGIC:
+            return 0
+        page_size = int.from_bytes(header[8:12], "big")
+        salts = header[16:24]
+        last = 0
+        offset = _WAL_HEADER
+        while True:
+            f.seek(offset)
+            frame = f.read(_WAL_FRAME_HEADER)
+            if len(frame) < _WAL_FRAME_HEADER or frame[8:16] != salts:
+                return last
+            commit = int.from_bytes(frame[4:8], "big")
+            if commit:
+                last = commit
+            offset += _WAL_FRAME_HEADER + page_size
+
+
+def _page_size(db: str) -> int:
+    with open(db, "rb") as f:
+        header = f.read(100)
+    if len(header) < 100:
+        return 0
+    size = int.from_bytes(header[16:18], "big")
+    return 65536 if size == 1 else size
 
 
 def _inode(path: str) -> int | None:
