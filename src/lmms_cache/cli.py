@@ -356,6 +356,20 @@ def _verify(args: argparse.Namespace) -> int:
     return EXIT_FAILURE if bad and not args.drop else EXIT_OK
 
 
+def _recover(args: argparse.Namespace) -> int:
+    if not os.path.isfile(args.file):
+        return _fail(f"no such file: {args.file}")
+    cache = args.path if args.path is not None else os.path.dirname(os.path.abspath(args.file))
+    with manage.opened(cache, readonly=False, trust=args.trust, create=True) as store:
+        counts = manage.recover(store, args.file, trust=args.trust)
+        where = store.location
+    unsaved = (f"; {counts['unsaved']} could not be written (is the disk full?): run it again once there is room"
+               if counts.get("unsaved") else "")  # fmt: skip
+    _emit(args, {**counts, "file": args.file, "cache": where},
+          f"recovered {_entries(counts['kept'])} from {args.file} into {where}; {counts['lost']} lost{unsaved}")
+    return EXIT_OK
+
+
 def _set_aside_files(db: str) -> set[str]:
     directory, name = os.path.split(db)
     try:
@@ -596,6 +610,21 @@ def build_parser() -> argparse.ArgumentParser:
     ver = command("verify", _verify, "check every stored value's checksum (nothing is unpickled)")
     ver.add_argument("--drop", action="store_true",
                      help="delete the damaged entries (a damaged file is moved aside and a new cache started)")
+    rec = commands.add_parser(
+        "recover", help="copy what still reads of a damaged cache file (cache.db.corrupt-*) into a cache",
+        description="Copy every entry of a damaged cache file that still reads and whose value verifies into a "
+                    "cache (entries already there keep their value); the file itself is only read. A damaged "
+                    "cache is set aside as cache.db.corrupt-<time> and what reads is copied at once; this "
+                    "does it again for such a file.",
+        epilog=EXIT_CODES, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    rec.add_argument("file", help="the damaged file, e.g. runs/cache/cache.db.corrupt-20250301-140307")
+    rec.add_argument("path", nargs="?", default=None, metavar="CACHE",
+                     help="the cache to copy into: its directory or database file (default: the one beside FILE)")
+    rec.add_argument("--json", action="store_true", help="machine-readable output (JSON)")
+    rec.add_argument("--trust", action="store_true",
+                     help="recover a file owned by another user (its values are pickles: loading them runs code)")
+    rec.set_defaults(run=_recover)
     # listed here for --help; main() parses eval's words with build_eval_parser()
     commands.add_parser("eval", help="run lmms-eval's (or lm-eval's) command line with its model cached",
                         add_help=False)  # fmt: skip

@@ -26,10 +26,10 @@ from . import trust as _trust  # (functions here take a trust= flag)
 from .explain import differences
 from .key import KEY_SCHEMA
 from .store import Entry, SQLiteStore, Store, StoreError, Where
-from .store.sqlite import APPLICATION_ID, FILENAME
+from .store.sqlite import APPLICATION_ID, FILENAME, salvage
 
 __all__ = ["Filter", "NotAnExportError", "check_export", "count", "description", "export", "find", "import_", "jsonable", "label",
-           "location", "opened", "preview", "prune", "verify"]  # fmt: skip
+           "location", "opened", "preview", "prune", "recover", "verify"]  # fmt: skip
 
 _EXPORT_BATCH = 500
 
@@ -354,6 +354,29 @@ def import_(store: Store, path: str, *, trust: bool = False, progress: Callable[
             if progress is not None:
                 progress(len(batch))
     return counts
+
+
+def recover(store: Store, path: str, *, trust: bool = False) -> dict[str, int]:
+    """Copy every entry of a damaged cache file (``cache.db.corrupt-*``, set aside earlier)
+    that still reads and whose value verifies into ``store``; existing entries keep their
+    value. The file is only read. ``trust`` accepts a file owned by another user.
+    Returns counts: ``kept``, ``lost``, ``total`` (and ``unsaved``: refused by ``store``).
+
+    Raises:
+        StoreError: no such file, another user's (without ``trust``), the cache itself, or
+            nothing of it can be read.
+    """
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise StoreError(f"cannot read {path}: {exc}") from exc
+    if st.st_uid != os.geteuid() and not trust:
+        raise StoreError(f"{path} belongs to another user (uid {st.st_uid}); its values are pickles and loading "
+                         "them would run code that user wrote. Trust it explicitly (--trust) to recover it.")  # fmt: skip
+    with contextlib.suppress(OSError):
+        if os.path.samefile(path, store.location):
+            raise StoreError(f"{path} is the cache itself; give the damaged file that was set aside")
+    return salvage(path, store)
 
 
 def _batches(entries: Iterator[Entry]) -> Iterator[list[Entry]]:

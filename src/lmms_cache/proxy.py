@@ -538,6 +538,8 @@ class _Cache:
 
     def close(self) -> None:
         self.flush()
+        if self.pending:
+            log.info("lmms-cache: %d responses could not be written to %s", len(self.pending), self.store.location)
         self.store.close()
 
     # -- one call ---------------------------------------------------------------------------
@@ -763,21 +765,25 @@ class _Cache:
         if self.mode == "off":
             return NullStore(self.location, "mode off")
         try:
-            return open_store(self.location, readonly=self.mode == "readonly", durable=durable,
-                              trust=self.options.trust)  # fmt: skip
+            store = open_store(self.location, readonly=self.mode == "readonly", durable=durable,
+                               trust=self.options.trust)  # fmt: skip
         except StoreError as exc:
             self.warn(
-                "open",
+                "store",
                 f"lmms-cache: the cache is unusable ({exc}); running uncached. "
                 "The model's responses are returned as usual but not saved.",
             )
             return NullStore(self.location, str(exc))
+        if store.degraded is not None:
+            self.warn("store", f"lmms-cache: {store.degraded}. Hits are served; new responses are kept in "
+                               f"memory (up to {_MAX_PENDING:,}) and written if it becomes writable.")  # fmt: skip
+        return store
 
     def guard(self, action: Callable[[], Any], what: str, default: Any = None) -> Any:
         try:
             return action()
         except StoreError as exc:
-            self.warn(what, f"lmms-cache: {what} failed: {exc}. Continuing uncached for this step.")
+            self.warn("store", f"lmms-cache: {what} failed: {exc}. Continuing uncached for this step.")
             return default
 
     def lookup(self, keys: list[RequestKey]) -> dict[bytes, Any]:
@@ -814,25 +820,35 @@ class _Cache:
     def save(self, entries: list[Entry]) -> int:
         if self.mode == "readonly" or isinstance(self.store, NullStore):
             return 0
-        pending = self.pending + entries
-        if not pending:
-            return 0
-        try:
-            self.store.put_many(pending)
+        pending = self.pending
+        backlog = bool(pending)
+        pending.extend(entries)  # kept before writing: an interrupt meanwhile loses nothing
+        done = 0
+        try:  # in batches: a backlog bigger than the space freed still drains, part by part
+            while done < len(pending):
+                batch = pending[done : done + self.batch_size]
+                self.store.put_many(batch)
+                done += len(batch)
         except StoreError as exc:
-            self.warn(
-                "write",
-                f"lmms-cache: cannot write to the cache: {exc}. Responses "
-                "are returned as usual; unsaved ones are retried with the next batch.",
-            )
-            self.pending = pending[-_MAX_PENDING:]
-            return 0
-        self.pending = []
-        self.stats.written += len(pending)
-        if self.max_size is not None:
+            self.warn("store", f"lmms-cache: cannot write to the cache: {exc}. Responses are returned as "
+                               "usual; unsaved ones are kept in memory and retried with the next batch.")  # fmt: skip
+        finally:
+            del pending[:done]
+            self.stats.written += done
+        if len(pending) > _MAX_PENDING:
+            dropped = len(pending) - _MAX_PENDING
+            del pending[:dropped]
+            self.warn("dropped", f"lmms-cache: more than {_MAX_PENDING:,} responses could not be written to "
+                                 f"{self.store.location}; the oldest unsaved ones were dropped (a rerun "
+                                 "computes them again).")  # fmt: skip
+        if done and backlog and not pending:
+            log.info("lmms-cache: the cache at %s is written again; the unsaved responses are saved",
+                     self.store.location)  # fmt: skip
+            self.warned.discard("store")  # a new outage gets its own warning
+        if done and self.max_size is not None:
             limit = self.max_size
             self.guard(lambda: self.store.evict(limit), "evicting old entries")
-        return len(pending)
+        return done
 
     def flush(self) -> None:
         self.save([])
@@ -869,9 +885,14 @@ class _Cache:
     # -- helpers ----------------------------------------------------------------------------
 
     def warn(self, kind: str, message: str) -> None:
-        if kind not in self.warned:
-            self.warned.add(kind)
+        # The store's trouble (unusable, read-only, failing, a value damaged on disk) is one
+        # warning until the store recovers (save re-arms it); what follows is logged at INFO.
+        slot = "store" if kind == "decode" else kind
+        if slot not in self.warned:
+            self.warned.add(slot)
             log.warning(message)
+        elif slot == "store":
+            log.info(message)
 
     def padding(self, local_batches: int) -> int:
         lockstep = self.lockstep

@@ -142,6 +142,10 @@ class Store(ABC):
 
     location: str = ""
     readonly: bool = False
+    # Why a store opened for writing can only read for now (a full disk, a read-only
+    # location), None when it writes: its writes raise StoreError, and it tries writing
+    # again by itself from time to time.
+    degraded: str | None = None
 
     @abstractmethod
     def get_many(self, keys: Sequence[bytes], *, created_after: float | None = None) -> dict[bytes, Stored]:

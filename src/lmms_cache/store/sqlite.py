@@ -22,10 +22,14 @@ Why these settings:
 from __future__ import annotations
 
 import contextlib
+import errno
+import grp
 import logging
 import os
+import pwd
 import re
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -33,7 +37,7 @@ from typing import Any, NamedTuple
 
 from .base import LEGACY_KEY_SCHEMA, Entry, Store, Stored, StoreError, Where, doc_id_forms, storable_doc_id
 
-__all__ = ["SQLiteStore", "network_filesystem"]
+__all__ = ["SQLiteStore", "network_filesystem", "salvage"]
 
 log = logging.getLogger("lmms_cache")
 
@@ -44,6 +48,11 @@ _LOOKUP_CHUNK = 900  # bound parameters per SELECT ... IN (...)
 _DIGEST = 16  # bytes of one row digest in row_digests
 _SCAN_PAGE = 256  # rows per query of scan()
 _EVICT_PAGE = 1000  # least recently used rows looked at per eviction query
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_TRUST_HINT = "use a directory of your own, or pass trust=True (--trust) if you trust the other users"
+_REOPEN_EVERY = 10.0  # seconds between attempts of a degraded store to open for writing
+_FULL_BELOW = 1 << 20  # free bytes under which a failing write is put down to a full disk
+_BEGIN_STEP_MS = 50  # SQLite's busy wait per attempt of BEGIN IMMEDIATE (see _begin)
 
 _NETWORK_FS = frozenset(
     {
@@ -236,6 +245,11 @@ class SQLiteStore(Store):
         self._conn_pid: int | None = None
         self._conn_obj: sqlite3.Connection | None = None
         self._cols = _V2
+        self.degraded: str | None = None  # why a store opened for writing only reads for now
+        self._retry_at = 0.0  # when (monotonic) a degraded store next tries to open for writing
+        self._immutable: tuple[Any, ...] | None = None  # the files' stat when read without locks
+        self._creating = False  # opening got as far as creating or upgrading the schema
+        self._inode: int | None = None  # the database file the connection opened
         self._connect()
 
     # -- connection ---------------------------------------------------------------------
@@ -246,33 +260,123 @@ class SQLiteStore(Store):
                 _INHERITED.append(self._conn_obj)
                 self._conn_obj = None
             self._connect()
-        elif self._cols is not _V2:
-            self._follow_upgrade(self._conn_obj)
+        else:
+            if self.degraded is not None or self._immutable is not None:
+                self._refresh()
+            if self._cols is not _V2 and self._conn_obj is not None:
+                self._follow_upgrade(self._conn_obj)
         assert self._conn_obj is not None
         return self._conn_obj
 
+    def _refresh(self) -> None:
+        """A degraded store tries to open for writing again, at most every ``_REOPEN_EVERY``
+        seconds; a connection reading without locks (``immutable``) is replaced as soon as
+        the files change: its reads are exact only while nobody writes."""
+        if self.degraded is not None and time.monotonic() >= self._retry_at:
+            self._retry_at = time.monotonic() + _REOPEN_EVERY
+            try:
+                self._check_location()
+                conn, version = self._open_readwrite()
+            except (sqlite3.Error, OSError, StoreError):
+                pass
+            else:
+                if self._conn_obj is not None:
+                    self._discard(self._conn_obj)
+                self._conn_obj, self._conn_pid = conn, os.getpid()
+                self._cols, self.degraded, self._immutable = _V1 if version == 1 else _V2, None, None
+                log.info("lmms-cache: the cache at %s can be written again", self.path)
+                return
+        if self._immutable is not None and self._immutable != _file_state(self.path):
+            if self._conn_obj is not None:
+                self._discard(self._conn_obj)
+            self._connect()
+
     def _connect(self) -> None:
-        self._check_owner()
+        if not self.readonly:
+            try:
+                os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(f"cannot create the cache at {self.directory}: {exc}") from exc
+        self._check_location()
+        self._check_wal()
+        self._immutable = None
         try:
-            conn, version = self._open_readonly() if self.readonly else self._open_readwrite()
+            conn, version = self._open_readonly() if self.readonly else self._open_writable()
         except sqlite3.DatabaseError as exc:
             if self.readonly or not any(m in str(exc) for m in _CORRUPT):
                 raise StoreError(f"cannot open the cache at {self.path}: {exc}") from exc
-            self._set_aside(exc)
+            aside = self._set_aside(exc)
             try:
                 conn, version = self._open_readwrite()
             except sqlite3.Error as exc2:
                 raise StoreError(f"cannot open the cache at {self.path}: {exc2}") from exc2
+            self._adopt(conn, version)
+            log.warning("lmms-cache: the cache at %s was damaged (%s); it was moved to %s and a new one "
+                        "started: %s", self.path, exc, aside, self._salvage(aside))  # fmt: skip
+            return
         except OSError as exc:
             raise StoreError(f"cannot create the cache at {self.directory}: {exc}") from exc
+        self._adopt(conn, version)
+
+    def _adopt(self, conn: sqlite3.Connection, version: int) -> None:
         self._cols = _V1 if version == 1 else _V2
         self._conn_obj = conn
         self._conn_pid = os.getpid()
+        self._inode = _inode(self.path)
+
+    def _salvage(self, aside: str) -> str:
+        """Copy what reads and verifies of the file set aside into this (fresh) cache; says
+        how many entries were kept and lost."""
+        try:
+            counts = salvage(aside, self)
+        except StoreError as exc:
+            return f"none of its entries could be read ({exc})"
+        text = f"{counts['kept']} entries were kept, {counts['lost']} lost"
+        if counts.get("unsaved"):
+            text += (f" ({counts['unsaved']} could not be written here; `lmms-cache recover {aside}` "
+                     "copies them once there is room)")  # fmt: skip
+        return text
+
+    def _open_writable(self) -> tuple[sqlite3.Connection, int]:
+        """Open for writing; where that cannot be done (a full disk leaves no room for the
+        WAL index, a read-only mount or directory), open the existing file to read instead:
+        ``degraded`` says why, and :meth:`_refresh` tries writing again later."""
+        self._creating = False
+        try:
+            opened = self._open_readwrite()
+        except (sqlite3.OperationalError, OSError) as exc:
+            # Not when creating or upgrading the schema failed: that raises, as it was.
+            if self._creating or not _unwritable(exc) or not os.path.isfile(self.path):
+                raise
+            conn, version = opened = self._open_readonly()
+            if version == 0:  # an empty file: nothing to read
+                conn.close()
+                raise exc from None
+            self.degraded = self._why_unwritable(exc)
+            self._retry_at = time.monotonic() + _REOPEN_EVERY
+            return opened
+        self.degraded = None
+        return opened
+
+    def _why_unwritable(self, exc: BaseException) -> str:
+        why = str(exc)
+        with contextlib.suppress(OSError):
+            fs = os.statvfs(self.directory)
+            if fs.f_flag & os.ST_RDONLY:
+                why = "it is on a read-only file system"
+            elif fs.f_bavail * fs.f_frsize < _FULL_BELOW:
+                why = f"the disk is full: {exc}"
+            elif not os.access(self.directory, os.W_OK) or not os.access(self.path, os.W_OK):
+                why = f"you cannot write to it: {exc}"
+        text = f"the cache at {self.path} cannot be written ({why}), so it is opened read-only"
+        wal = self.path + "-wal"
+        if self._immutable is not None and os.path.isfile(wal) and os.path.getsize(wal) > 0:
+            text += f", without the newest entries, which are in {wal} and need it writable"
+        return text
 
     def _open_readwrite(self) -> tuple[sqlite3.Connection, int]:
-        os.makedirs(self.directory, mode=0o700, exist_ok=True)
-        with contextlib.suppress(FileExistsError):
-            os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        with contextlib.suppress(FileExistsError):  # (O_EXCL never follows a link)
+            os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | _NOFOLLOW, 0o600))
         conn = sqlite3.connect(
             self.path, timeout=self._timeout, isolation_level=None, check_same_thread=False
         )
@@ -299,6 +403,7 @@ class SQLiteStore(Store):
             self._set_journal_mode(conn, journal)  # a read when the file has it already
             conn.execute(f"PRAGMA synchronous = {'FULL' if self._durable else 'NORMAL'}")  # per connection
             if version < SCHEMA_VERSION:
+                self._creating = True
                 self._create_schema(conn)
         except BaseException:
             conn.close()
@@ -332,9 +437,13 @@ class SQLiteStore(Store):
             # On read-only media SQLite cannot create the WAL index it needs even to read
             # ("unable to open database file"); nobody can be writing there, so immutable is
             # exact. Any other error (a writer holding the lock) must not be read around.
-            if not any(m in str(exc) for m in ("unable to open", "readonly")):
+            # A full disk answers "disk I/O error" (no room for the 32 KB WAL index). Reading
+            # without locks is exact only while nobody writes: _refresh watches the files.
+            if not any(m in str(exc) for m in ("unable to open", "readonly", "disk I/O error", "disk is full")):
                 raise
-            return self._connect_checked(uri + "?immutable=1")
+            opened = self._connect_checked(uri + "?immutable=1")
+            self._immutable = _file_state(self.path)
+            return opened
 
     def _connect_checked(self, uri: str) -> tuple[sqlite3.Connection, int]:
         conn = sqlite3.connect(uri, uri=True, timeout=self._timeout, isolation_level=None,
@@ -346,18 +455,81 @@ class SQLiteStore(Store):
             raise
         return conn, version
 
-    def _check_owner(self) -> None:
-        """Values are pickles, and loading a pickle runs code: a cache written by another
-        user is refused unless the caller trusts it."""
+    def _check_location(self) -> None:
+        """Refuse a place where another user could plant or swap files that we would then
+        write through or load (values are pickles, and loading a pickle runs code).
+
+        The directory must be the user's (or root's) and writable by nobody else, unless
+        ``trust``: a read-only open also accepts a sticky directory such as /tmp, where
+        nobody can replace a file of ours. A symbolic link at the database, ``-wal`` or
+        ``-shm`` path is refused even when trusted; a file of another user unless trusted.
+        Files of ours with a wider mode than 0600 are narrowed to it.
+        """
+        me = os.geteuid()
         try:
-            owner = os.stat(self.path).st_uid
+            link = os.lstat(self.directory)
+            st = os.stat(self.directory)
+        except FileNotFoundError:
+            return  # read-only: there is no cache to open (said by the open)
+        except OSError as exc:
+            raise StoreError(f"cannot use the cache directory {self.directory}: {exc}") from exc
+        trust = self._trust
+        if stat.S_ISLNK(link.st_mode) and link.st_uid not in (me, 0) and not trust:
+            raise StoreError(f"the cache directory {self.directory} is a symbolic link made by another user (uid "
+                             f"{link.st_uid}); {_TRUST_HINT}")  # fmt: skip
+        if not trust and st.st_uid not in (me, 0):
+            raise StoreError(f"the cache directory {self.directory} belongs to another user (uid {st.st_uid}): "
+                             f"files they plant or swap there would be used as yours; {_TRUST_HINT}")  # fmt: skip
+        others_write = st.st_mode & 0o002 or (st.st_mode & 0o020 and not _private_group(st.st_gid))
+        if others_write and not trust and not (self.readonly and st.st_mode & stat.S_ISVTX):
+            raise StoreError(f"the cache directory {self.directory} is writable by other users (mode "
+                             f"{stat.S_IMODE(st.st_mode):o}): they could plant or swap files in it. Make it yours "
+                             f"alone (chmod go-w {self.directory}), or {_TRUST_HINT}")  # fmt: skip
+        for suffix in ("", "-wal", "-shm"):
+            path = self.path + suffix
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise StoreError(f"cannot use the cache file {path}: {exc}") from exc
+            if stat.S_ISLNK(st.st_mode):
+                raise StoreError(f"{path} is a symbolic link; the cache never writes through one (another user "
+                                 "may have planted it to make you overwrite a file). Remove it to use this cache.")  # fmt: skip
+            if not stat.S_ISREG(st.st_mode):
+                raise StoreError(f"{path} is not a regular file; not touching it")
+            if st.st_uid != me and not trust:
+                raise StoreError(
+                    f"{path} belongs to another user (uid {st.st_uid}); its values are pickles and "
+                    "loading them would run code that user wrote. Trust it explicitly (trust=True, "
+                    "or --trust on the command line) to use it."
+                )
+            if st.st_uid == me and stat.S_IMODE(st.st_mode) & 0o077:
+                _narrow(path)
+
+    def _check_wal(self) -> None:
+        """Refuse a ``-wal`` older than the database beside it (a backup's, put back): SQLite
+        would replay it over the newer file and roll the cache back without a word.
+
+        Told only where it is cheap and sure: with no ``-shm`` (no connection has the files
+        open, so nobody is replaying it now), from the WAL's frame headers: its last
+        transaction leaves the database smaller than the file already is. Nothing is
+        changed; opening fails, and the message says what to do."""
+        wal = self.path + "-wal"
+        try:
+            if os.path.getsize(wal) <= _WAL_HEADER or os.path.lexists(self.path + "-shm"):
+                return
+            pages_after = _wal_last_commit(wal)
+            page_size = _page_size(self.path)
+            pages = os.path.getsize(self.path) // page_size if page_size else 0
         except OSError:
             return
-        if owner != os.geteuid() and not self._trust:
+        if pages_after and pages_after < pages:
             raise StoreError(
-                f"{self.path} belongs to another user (uid {owner}); its values are pickles and "
-                "loading them would run code that user wrote. Trust it explicitly (trust=True, "
-                "or --trust on the command line) to use it."
+                f"{wal} is older than {self.path} beside it (its last transaction leaves the database at "
+                f"{pages_after} pages; the file has {pages}): were the files copied or restored separately? "
+                "Replaying it would roll the cache back, so the cache is not used. If cache.db is the newer "
+                "copy, move cache.db-wal away; if the -wal belongs with an older cache.db, put that one back."
             )
 
     def _check_ours(self, conn: sqlite3.Connection) -> int:
@@ -365,14 +537,13 @@ class SQLiteStore(Store):
         not newer than this code. Reads only."""
         # One read transaction: another process may be creating the schema right now, and
         # its tables must not be seen without its application_id.
-        conn.execute("BEGIN")
         try:
+            conn.execute("BEGIN")
             app_id = conn.execute("PRAGMA application_id").fetchone()[0]
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
         finally:
-            with contextlib.suppress(sqlite3.Error):  # keep the error that ended the reads
-                conn.execute("ROLLBACK")
+            _rollback(conn)  # (on failure the caller closes the connection anyway)
         if app_id == 0:
             if tables:
                 raise StoreError(
@@ -392,9 +563,9 @@ class SQLiteStore(Store):
     def _create_schema(self, conn: sqlite3.Connection) -> None:
         """Create the schema of a new file, or upgrade an older one: in one transaction,
         which whoever gets the write lock first does (the ranks of a node open together)."""
-        conn.execute("BEGIN IMMEDIATE")
         version = None
-        try:
+        try:  # BEGIN included: the caller closes a connection this leaves in a transaction
+            conn.execute("BEGIN IMMEDIATE")
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             self._check_version(version)
             if version == 0:
@@ -407,8 +578,7 @@ class SQLiteStore(Store):
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except BaseException as exc:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
+            _rollback(conn)  # (a connection left in a transaction is closed by the caller)
             if version == 1 and isinstance(exc, sqlite3.Error) and not any(m in str(exc) for m in _CORRUPT):
                 raise StoreError(f"cannot upgrade the cache at {self.path} from schema 1 to {SCHEMA_VERSION} "
                                  f"(it is left as it was): {exc}") from exc  # fmt: skip
@@ -452,7 +622,7 @@ class SQLiteStore(Store):
             self._check_version(version)
             self._cols = _V2
 
-    def _set_aside(self, exc: Exception, *, quiet: bool = False) -> str:
+    def _set_aside(self, exc: Exception) -> str:
         aside = f"{self.path}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
         n = 1
         while os.path.lexists(aside):  # never overwrite the evidence of an earlier damage
@@ -466,38 +636,38 @@ class SQLiteStore(Store):
         except OSError as exc2:
             raise StoreError(f"the cache at {self.path} is damaged ({exc}) and cannot be "
                              f"moved aside ({exc2})") from exc
-        if not quiet:
-            log.warning("lmms-cache: the cache at %s was damaged (%s); it was moved to %s and a "
-                        "new one started", self.path, exc, aside)
         return aside
 
     @contextlib.contextmanager
     def _errors(self, what: str) -> Iterator[None]:
         try:
             yield
+            if self._immutable is not None and self._immutable != _file_state(self.path):
+                raise StoreError(f"{what} failed: {self.path} changed while it was read without locks")
         except sqlite3.Error as exc:
-            if not self.readonly and any(m in str(exc) for m in _CORRUPT):
+            if not self.readonly and self.degraded is None and any(m in str(exc) for m in _CORRUPT):
                 # Opening reads only the first page: damage further in shows up here. Set
-                # the file aside now, so that one warning is all it costs and later
-                # operations work on a fresh cache.
-                aside = self._recover(exc)
-                raise StoreError(f"{what} failed: the cache at {self.path} was damaged ({exc}); "
-                                 f"it was moved to {aside} and a new one started") from exc
+                # the file aside now, keeping what still reads, so that one warning is all it
+                # costs and later operations work on a fresh cache.
+                raise StoreError(f"{what} failed: {self._recover(exc)}") from exc
             raise StoreError(f"{what} failed on {self.path}: {exc}") from exc
         except OSError as exc:
             raise StoreError(f"{what} failed on {self.path}: {exc}") from exc
 
     def _recover(self, exc: Exception) -> str:
-        if self._conn_obj is not None and self._conn_pid == os.getpid():
-            with contextlib.suppress(sqlite3.Error):
-                self._conn_obj.close()
-        self._conn_obj = None
+        """Set the damaged file aside, start a fresh one and salvage into it; what happened."""
+        if self._conn_obj is not None:
+            self._discard(self._conn_obj)
         try:
-            aside = self._set_aside(exc, quiet=True)
+            if _inode(self.path) != self._inode:  # another process set it aside already
+                self._connect()
+                return f"the cache at {self.path} was damaged ({exc}); another process has replaced it"
+            aside = self._set_aside(exc)
             self._connect()
         except StoreError as exc2:
-            return f"nowhere ({exc2})"
-        return aside
+            return f"the cache at {self.path} was damaged ({exc}) and could not be replaced ({exc2})"
+        return (f"the cache at {self.path} was damaged ({exc}); it was moved to {aside} and a new one "
+                f"started: {self._salvage(aside)}")  # fmt: skip
 
     @contextlib.contextmanager
     def _transaction(self, what: str) -> Iterator[sqlite3.Connection]:
@@ -505,14 +675,43 @@ class SQLiteStore(Store):
             raise StoreError(f"{self.path} is open read-only")
         with self._lock, self._errors(what):
             conn = self._conn()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            if self.degraded is not None:
+                raise StoreError(self.degraded)
+            try:  # BEGIN included: an interrupt right after it must not keep the lock
+                self._begin(conn)
                 yield conn
                 conn.execute("COMMIT")
             except BaseException:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
+                if not _rollback(conn):
+                    self._discard(conn)  # closing rolls back and releases the locks
                 raise
+
+    def _begin(self, conn: sqlite3.Connection) -> None:
+        """``BEGIN IMMEDIATE``, waiting for another writer up to the timeout in short steps:
+        SQLite's own wait would hold a Ctrl-C until the lock came (or the timeout passed)."""
+        deadline = time.monotonic() + self._timeout
+        delay = 0.001
+        conn.execute(f"PRAGMA busy_timeout = {_BEGIN_STEP_MS}")
+        try:
+            while True:
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    return
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) or time.monotonic() >= deadline:
+                        raise
+                time.sleep(delay)  # where a Ctrl-C lands: outside any transaction
+                delay = min(delay * 2, 0.05)
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {int(self._timeout * 1000)}")
+
+    def _discard(self, conn: sqlite3.Connection) -> None:
+        """Close a connection that cannot be trusted to be clean; the next use reconnects."""
+        if conn is self._conn_obj:
+            self._conn_obj = None
+        if self._conn_pid == os.getpid():
+            with contextlib.suppress(BaseException):
+                conn.close()
 
     # -- the interface ------------------------------------------------------------------
 
@@ -801,6 +1000,295 @@ class SQLiteStore(Store):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state.pop("directory"), **state)  # type: ignore[misc]
+
+
+_SALVAGE_BATCH = 500  # entries per transaction when salvaging
+_MAX_ID = 2**63 - 1
+
+
+def salvage(source: str, target: Store, *, batch: int = _SALVAGE_BATCH) -> dict[str, int]:
+    """Copy every entry of the cache file ``source`` that still reads and whose value
+    verifies (its checksum) into ``target``; entries already there keep their value. For a
+    damaged file set aside (``cache.db.corrupt-*``): ``source`` is only read, never changed.
+
+    Damage is stepped around: row ids are listed in order, skipping any stretch whose pages
+    cannot be read, then each row is read (by ranges, row by row where a range fails).
+    Returns ``kept`` (read and verified), ``lost`` (known entries that were not) and
+    ``total`` (what the file counted, else kept + lost); ``unsaved`` when ``target``
+    refused some (a full disk).
+
+    Raises:
+        StoreError: ``source`` cannot be read at all (no such file, not an SQLite database
+            of ours, its schema unreadable).
+    """
+    from .. import codec
+
+    existed = {suffix: os.path.lexists(source + suffix) for suffix in ("-wal", "-shm")}
+    conn = _open_damaged(source)
+    try:
+        try:
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(entries)")}
+            cols = _V2 if "signature" in columns else _V1
+            if "key" not in columns:
+                raise StoreError(f"{source} holds no cache entries")
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{source} cannot be read: {exc}") from exc
+        try:
+            total: int | None = int(conn.execute("SELECT entries FROM totals WHERE id = 0").fetchone()[0])
+        except (sqlite3.DatabaseError, TypeError):
+            total = None
+        with contextlib.suppress(sqlite3.DatabaseError):
+            for digest, description in conn.execute("SELECT digest, description FROM models").fetchall():
+                with contextlib.suppress(StoreError):
+                    target.remember_model(digest, description)
+        kept = bad = unsaved = 0
+        good: list[Entry] = []
+
+        def flush() -> None:
+            nonlocal unsaved
+            if good:
+                try:
+                    target.put_many(good, replace=False)
+                except StoreError:
+                    unsaved += len(good)
+                good.clear()
+
+        for row in _readable_rows(conn, cols.entry):
+            if row is None:
+                bad += 1
+                continue
+            e = Entry(*row)
+            if isinstance(e.key, bytes) and len(e.key) == 16 and isinstance(e.value, bytes) and codec.verify(e.value):
+                kept += 1
+                good.append(e)
+                if len(good) >= batch:
+                    flush()
+            else:
+                bad += 1
+        flush()
+    finally:
+        conn.close()
+        for suffix, was in existed.items():  # what reading created beside the file
+            if not was:
+                with contextlib.suppress(OSError):
+                    os.remove(source + suffix)
+    lost = max(bad, total - kept) if total is not None else bad
+    out = {"kept": kept, "lost": lost, "total": kept + lost}
+    if unsaved:
+        out["unsaved"] = unsaved
+    return out
+
+
+def _open_damaged(path: str) -> sqlite3.Connection:
+    if not os.path.isfile(path):
+        raise StoreError(f"no such file: {path}")
+    uri = "file:" + path.replace("?", "%3f").replace("#", "%23")
+    wal = path + "-wal"
+    # Without WAL content there is nothing to replay: read it as it is, creating nothing
+    # beside it. Otherwise read it with its WAL (immutable only where no index can be made).
+    modes = ("?mode=ro", "?immutable=1") if os.path.isfile(wal) and os.path.getsize(wal) else ("?immutable=1",)
+    for mode in modes:
+        conn = sqlite3.connect(uri + mode, uri=True, timeout=5.0, isolation_level=None, check_same_thread=False)
+        try:
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            if mode == "?mode=ro" and any(m in str(exc) for m in ("unable to open", "readonly", "disk I/O error")):
+                continue
+            raise StoreError(f"{path} cannot be read: {exc}") from exc
+        if app_id != APPLICATION_ID:
+            conn.close()
+            raise StoreError(f"{path} is not an lmms-cache file")
+        return conn
+    raise AssertionError("unreachable")
+
+
+def _readable_rows(conn: sqlite3.Connection, columns: str) -> Iterator[tuple[Any, ...] | None]:
+    """Each readable row of ``entries`` in id order, None for a row id whose row cannot be read."""
+    for chunk in _chunks(_readable_ids(conn), _SCAN_PAGE):
+        try:
+            rows = conn.execute(f"SELECT {columns} FROM entries WHERE id BETWEEN ? AND ? ORDER BY id",
+                                (chunk[0], chunk[-1])).fetchall()  # fmt: skip
+            if len(rows) == len(chunk):
+                yield from rows
+                continue
+        except sqlite3.DatabaseError:
+            pass
+        for row_id in chunk:  # the range failed: row by row
+            try:
+                yield conn.execute(f"SELECT {columns} FROM entries WHERE id = ?", (row_id,)).fetchone()
+            except sqlite3.DatabaseError:
+                yield None
+
+
+def _readable_ids(conn: sqlite3.Connection) -> Iterator[int]:
+    """The row ids of ``entries`` in order (the table's leaves only: values are not read),
+    stepping over stretches that cannot be read."""
+    start = -_MAX_ID - 1
+    while True:
+        try:
+            for (row_id,) in conn.execute("SELECT id FROM entries WHERE id >= ? ORDER BY id", (start,)):
+                yield row_id
+                if row_id >= _MAX_ID:
+                    return
+                start = row_id + 1
+            return  # read to the end
+        except sqlite3.DatabaseError:
+            pass
+        # The cursor reads a row ahead, so the damage may be a row further on: one at a time.
+        try:
+            row = conn.execute("SELECT id FROM entries WHERE id >= ? ORDER BY id LIMIT 1", (start,)).fetchone()
+        except sqlite3.DatabaseError:
+            pass
+        else:
+            if row is None:
+                return
+            yield row[0]
+            if row[0] >= _MAX_ID:
+                return
+            start = row[0] + 1
+            continue
+        # Seeking ``start`` meets the damage: find the smallest start past it that reads
+        # (doubling steps, then bisecting back), and go on from there.
+        bad, step = start, 1
+        while True:
+            probe = min(_MAX_ID, bad + step)
+            if _reads_from(conn, probe):
+                break
+            if probe >= _MAX_ID:
+                return
+            bad, step = probe, step * 2
+        good = probe
+        while good - bad > 1:
+            mid = (bad + good) // 2
+            if _reads_from(conn, mid):
+                good = mid
+            else:
+                bad = mid
+        start = good
+
+
+def _reads_from(conn: sqlite3.Connection, start: int) -> bool:
+    try:
+        conn.execute("SELECT id FROM entries WHERE id >= ? ORDER BY id LIMIT 1", (start,)).fetchall()
+        return True
+    except sqlite3.DatabaseError:
+        return False
+
+
+def _chunks(items: Iterator[int], size: int) -> Iterator[list[int]]:
+    chunk: list[int] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+_WAL_HEADER = 32
+_WAL_FRAME_HEADER = 24
+_WAL_MAGIC = (0x377F0682, 0x377F0683)
+
+
+def _wal_last_commit(wal: str) -> int:
+    """The database size in pages after the last committed transaction of a WAL file (its
+    frames whose salts match the header's), 0 when it holds none. Reads the headers only."""
+    with open(wal, "rb") as f:
+        header = f.read(_WAL_HEADER)
+        if len(header) < _WAL_HEADER or int.from_bytes(header[:4], "big") not in _WAL_MAGIC:
+            return 0
+        page_size = int.from_bytes(header[8:12], "big")
+        salts = header[16:24]
+        last = 0
+        offset = _WAL_HEADER
+        while True:
+            f.seek(offset)
+            frame = f.read(_WAL_FRAME_HEADER)
+            if len(frame) < _WAL_FRAME_HEADER or frame[8:16] != salts:
+                return last
+            commit = int.from_bytes(frame[4:8], "big")
+            if commit:
+                last = commit
+            offset += _WAL_FRAME_HEADER + page_size
+
+
+def _page_size(db: str) -> int:
+    with open(db, "rb") as f:
+        header = f.read(100)
+    if len(header) < 100:
+        return 0
+    size = int.from_bytes(header[16:18], "big")
+    return 65536 if size == 1 else size
+
+
+def _inode(path: str) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
+
+
+def _private_group(gid: int) -> bool:
+    """Whether group ``gid`` is the user's private group (named like the user, the user's
+    primary group, no other listed member): group write there is write by the user alone."""
+    try:
+        user = pwd.getpwuid(os.geteuid())
+        group = grp.getgrgid(gid)
+    except (KeyError, OSError):
+        return False
+    return gid == user.pw_gid and group.gr_name == user.pw_name and set(group.gr_mem) <= {user.pw_name}
+
+
+def _narrow(path: str) -> None:
+    """Make a file of ours 0600 (through a descriptor: never through a link)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | _NOFOLLOW)
+    except OSError:
+        return
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.fchmod(fd, 0o600)
+    except OSError:
+        pass  # a read-only file system: nothing to narrow it with
+    finally:
+        os.close(fd)
+
+
+_UNWRITABLE_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT})
+_UNWRITABLE = ("disk I/O error", "disk is full", "unable to open database file", "readonly database")
+
+
+def _unwritable(exc: BaseException) -> bool:
+    """Whether an error opening for writing says the location cannot be written (rather
+    than locked, damaged or foreign)."""
+    if isinstance(exc, OSError):
+        return exc.errno in _UNWRITABLE_ERRNOS
+    return any(m in str(exc) for m in _UNWRITABLE)
+
+
+def _file_state(path: str) -> tuple[Any, ...]:
+    """What changes when anybody writes the database or its WAL: inode, size and mtime."""
+    state: list[Any] = []
+    for suffix in ("", "-wal"):
+        try:
+            st = os.stat(path + suffix)
+            state.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        except OSError:
+            state.append(None)
+    return tuple(state)
+
+
+def _rollback(conn: sqlite3.Connection) -> bool:
+    """End any transaction ``conn`` is in; whether it is now outside one. Never raises an
+    SQLite error: the caller re-raises the error that ended the transaction."""
+    try:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        return not conn.in_transaction
+    except sqlite3.Error:
+        return False
 
 
 def _where(where: Where, cols: _Columns) -> tuple[str, list[Any]]:
