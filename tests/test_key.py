@@ -513,3 +513,15 @@ def test_text_task_doc_to_visual_is_resolved_without_reading_the_document():
         assert len(decoded) == 1
     finally:
         datasets.Image.decode_example = original
+
+
+@pytest.mark.parametrize(("a", "b"), [({"do_sample": 1}, {"do_sample": True}), ({"top_k": 1.5}, {"top_k": "1.5"}),
+                                      ({"stop": [1, 2]}, {"stop": [True, 2]}), ({"n": 0}, {"n": False})])  # fmt: skip
+def test_consecutive_settings_that_are_equal_in_python_but_not_in_type_never_share_a_key(a, b):
+    # lmms-eval deep-copies one task's settings into each request, and the key builder reuses
+    # the previous request's encoding for an equal dict: True == 1, but not as a setting
+    kb = builder(model_with_docs())
+    first, second = kb.keys("generate_until", [gen_request(0, gen_kwargs=a), gen_request(0, gen_kwargs=b)])
+    assert first.key != second.key
+    alone = builder(model_with_docs()).keys("generate_until", [gen_request(0, gen_kwargs=b)])[0]
+    assert second.key == alone.key

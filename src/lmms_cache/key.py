@@ -113,7 +113,7 @@ class Call:
     each document, and of the step functions (documents and a task's configuration may
     change between calls, never within one)."""
 
-    __slots__ = ("collections", "documents", "free", "resolved", "steps")
+    __slots__ = ("collections", "documents", "free", "last_settings", "resolved", "steps")
 
     def __init__(self) -> None:
         self.resolved: dict[Any, bytes] = {}
@@ -121,6 +121,9 @@ class Call:
         self.steps: dict[Any, bytes] = {}
         self.free: dict[Any, bool] = {}  # callable -> whether it needs the document
         self.collections: dict[tuple[Any, Any], tuple[Any, Any]] = {}  # (task, split) -> (collection, rows)
+        # the previous request's plain settings and their (bytes, sampled): the next request's
+        # are usually an equal copy (held for the call: nothing mutates them while keying)
+        self.last_settings: tuple[dict[str, Any], tuple[bytes, bool]] | None = None
 
 
 class KeyBuilder:
@@ -245,18 +248,13 @@ class KeyBuilder:
                 ends.append(len(out))
             if rview.located:
                 out += b"address="
-                address = (rview.task, rview.split, rview.doc_id, rview.idx)
-                # Memoized only for exact types (True == 1 as a dict key, not as a key's bytes).
-                exact = (type(address[0]) is str and type(address[1]) is str and type(address[2]) is int
-                         and type(address[3]) is int)  # fmt: skip
-                text = _ADDRESSES.get(address) if exact else None
-                if text is None:
-                    start = len(out)
-                    put(out, address, False)
-                    if exact and len(_ADDRESSES) < _ADDRESSES_MAX:
-                        _ADDRESSES[address] = bytes(out[start:])
+                task, split, doc_id, idx = rview.task, rview.split, rview.doc_id, rview.idx
+                if type(task) is str and type(split) is str and type(doc_id) is int and type(idx) is int:
+                    # What the encoder writes for this tuple, formatted at once (the common case).
+                    t, s = task.encode("utf-8", "surrogatepass"), split.encode("utf-8", "surrogatepass")
+                    out += b"l4:s%d:%ss%d:%si%d;i%d;" % (len(t), t, len(s), s, doc_id, idx)
                 else:
-                    out += text
+                    put(out, (task, split, doc_id, idx), False)
                 ends.append(len(out))
                 out += b"doc="
                 d = self._document(rview, call)[0]
@@ -288,10 +286,14 @@ class KeyBuilder:
         task's ``generation_kwargs`` into every request: equal plain dicts are encoded once per
         call (found by their ``repr``, which for these builtin types differs whenever their
         canonical bytes do); with whether they ask for a sample."""
+        last = call.last_settings
+        if last is not None and gen_kwargs == last[0] and _same_types(gen_kwargs, last[0]):
+            return last[1]  # the previous request's settings, deep-copied: equal values, equal types
         text = _plain_repr(gen_kwargs)
         if text is not None:
             found = _SETTINGS.get(text)
             if found is not None:
+                call.last_settings = (gen_kwargs, found)
                 return found
         out = bytearray()
         self._encoder.put(out, _normalized(gen_kwargs), False)
@@ -300,6 +302,7 @@ class KeyBuilder:
             if len(_SETTINGS) >= 4096:
                 _SETTINGS.clear()
             _SETTINGS[text] = found
+            call.last_settings = (gen_kwargs, found)
         return found
 
     # -- documents ------------------------------------------------------------------------------
@@ -474,9 +477,7 @@ _SCALARS = (str, int, float, bool, type(None))
 # repr of plain generation settings -> (canonical bytes, whether they sample): a pure function,
 # so shared by every call and proxy (an evaluation has a few distinct settings).
 _SETTINGS: dict[str, tuple[bytes, bool]] = {}
-# The canonical bytes of (task, split, doc_id, idx) addresses: a few thousand per evaluation.
-_ADDRESSES: dict[tuple[Any, ...], bytes] = {}
-_ADDRESSES_MAX = 200_000
+
 
 
 def _plain_repr(d: dict[str, Any]) -> str | None:
@@ -493,6 +494,24 @@ def _plain_repr(d: dict[str, Any]) -> str | None:
         elif t not in _SCALARS:
             return None
     return repr(d)
+
+
+def _same_types(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """For two equal dicts of plain values: whether each value has the same type too (``==``
+    takes ``True`` for ``1``; the key does not). Nested containers other than lists of
+    scalars answer False (they take the slower path)."""
+    for k, v in a.items():
+        w = b[k]
+        t = type(v)
+        if t is not type(w):
+            return False
+        if t is list or t is tuple:
+            for x, y in zip(v, w, strict=True):
+                if type(x) is not type(y) or type(x) not in _SCALARS:
+                    return False
+        elif t not in _SCALARS:
+            return False
+    return True
 
 
 def _normalized(gen_kwargs: Any) -> Any:
