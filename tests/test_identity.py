@@ -638,3 +638,23 @@ def test_identity_is_a_frozen_value():
     assert isinstance(ident, ModelIdentity)
     with pytest.raises(AttributeError):
         ident.digest = "0" * 32  # type: ignore[misc]
+
+
+def test_an_unknown_object_setting_counts_by_its_class_and_scalar_options_not_its_inner_state():
+    class Engine:
+        """What a serving wrapper might keep as a constructor argument: options, and state."""
+
+        def __init__(self, quantization: str) -> None:
+            self.quantization = quantization
+            self.workers = [SimpleNamespace(pid=os.getpid() + 1, started=12345.6)]  # per process
+
+    class Served(Answering):
+        def __init__(self, engine: Engine, pretrained: str = "org/served") -> None:
+            self.engine = engine
+            self.pretrained = pretrained
+
+    a = identify(Served(Engine("awq")))
+    other_process = Engine("awq")
+    other_process.workers[0].pid += 7
+    assert identify(Served(other_process)).digest == a.digest
+    assert identify(Served(Engine("gptq"))).digest != a.digest

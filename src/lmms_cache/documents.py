@@ -329,11 +329,6 @@ class Derivations:
         dataset = self._dataset(collection, str(split))
         return None if dataset is None or dataset.digests is None else Rows(self, collection, dataset)
 
-    def row_digest(self, collection: Any, split: Any, index: Any) -> bytes | None:
-        """The digest of row ``index`` of ``collection`` (see :meth:`rows`)."""
-        rows = self.rows(collection, split)
-        return None if rows is None else rows.digest(index)
-
     def _recheck(self, collection: Any, dataset: _Dataset, index: int) -> None:
         """The first row a call needs, digested again from the table: doubt rebuilds the memo."""
         dataset.checked = True

@@ -259,24 +259,6 @@ def identify_arguments(cls: type, harness: str, name: str, arguments: Mapping[st
     return _build(fields, f"{name}({named[0]})" if named else name)
 
 
-def model_id_from_arguments(harness: str, name: str, arguments: Mapping[str, Any]) -> str:
-    """A readable name for a harness-built model (kept for callers of the first version);
-    prefer :func:`identify_arguments`, which also keys the class's code and local files.
-
-    Example:
-        >>> model_id_from_arguments("lmms-eval", "openai", {"model_version": "gpt-4o",
-        ...     "api_key": "sk-123", "num_concurrent": 8})
-        'lmms-eval/openai?model_version=gpt-4o'
-    """
-    kept = []
-    for key in sorted(arguments):
-        if is_secret_name(key) or is_operational_name(key) or looks_like_credential(arguments[key]):
-            continue
-        value = scrub(arguments[key])
-        kept.append(f"{key}={json.dumps(value) if not isinstance(value, str) else value}")
-    return f"{harness}/{name}" + ("?" + "&".join(kept) if kept else "")
-
-
 # -- what changed --------------------------------------------------------------------------
 
 
@@ -515,12 +497,13 @@ class Tracker:
             elif kind == "client":
                 url = _client_url(value)
                 if url is not None:
-                    static[f"client/{path}"] = (_url_material(url).encode(), scrub_url(url))
+                    # Credentials are not part of which endpoint it is: scrubbed in the key too.
+                    static[f"client/{path}"] = (scrub_url(url).encode(), scrub_url(url))
         for package in sorted(runtimes):
             version = _version_of(package)
             if version is not None:
                 static[f"runtime/{package}"] = _plain_field(version)
-        label_name = _label_class(cls)
+        label_name = cls.__name__
         attributes = _attributes(model)
         hints = [str(attributes[n]) for n in ("pretrained", "model_version", "model_name", "model_path", "model")
                  if isinstance(attributes.get(n), str) and attributes[n]]  # fmt: skip
@@ -832,10 +815,18 @@ def _plain(value: Any, depth: int = 0) -> Any:
     if isinstance(value, (set, frozenset)):
         return sorted((_plain(v, depth + 1) for v in value), key=repr)
     # Hugging Face configs are dataclasses whose attribute reads are slow: by their __dict__.
-    if not t.__module__.startswith("transformers") and _encoder_knows(value):
+    hugging_face = t.__module__.startswith("transformers")
+    if not hugging_face and _encoder_knows(value):
         return value
     if depth <= 6 and (hasattr(value, "__dict__") or hasattr(t, "__slots__")):
         attributes = _attributes(value)
+        if not hugging_face:
+            # Another object (an engine, a client, a pool): its class and its plain scalar
+            # attributes. Deeper state is not configuration and may differ per process.
+            return {"__class__": _qualified(t),
+                    **{k: v for k, v in sorted(attributes.items())
+                       if type(v) in _PLAIN_TYPES and not k.startswith("__") and not is_secret_name(k)
+                       and not is_operational_name(k)}}  # fmt: skip
         return {"__class__": _qualified(t),
                 **{k: _plain(v, depth + 1) for k, v in sorted(attributes.items())
                    if not k.startswith("__") and k not in _PER_PROCESS}}  # fmt: skip
@@ -928,11 +919,6 @@ def scrub_url(url: str) -> str:
          if not is_secret_name(k) and not looks_like_credential(val)]
     )
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), query, ""))
-
-
-def _url_material(url: str) -> str:
-    """The key's view of an endpoint: credentials are not part of which endpoint it is."""
-    return scrub_url(url)
 
 
 # -- components ----------------------------------------------------------------------------
@@ -1219,7 +1205,3 @@ def _version_of(package: str) -> str | None:
 
 def _qualified(t: type) -> str:
     return f"{t.__module__}.{t.__qualname__}"
-
-
-def _label_class(cls: type) -> str:
-    return cls.__name__
