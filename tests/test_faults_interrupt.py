@@ -53,6 +53,8 @@ _WAITER = textwrap.dedent(
         out["where"] = [frame.name for frame in traceback.extract_tb(sys.exc_info()[2])]
     conn = store._conn_obj
     out["in_transaction"] = None if conn is None else conn.in_transaction
+    print(json.dumps(out), flush=True)  # (the other writer still holds its lock)
+    sys.stdin.readline()  # told when it has finished
     try:
         store.put_many([entry(2)])
         out["later_write"] = "ok"
@@ -82,14 +84,25 @@ def test_ctrl_c_while_waiting_for_another_writers_lock_leaves_the_cache_usable(t
                               stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
     try:
         assert read_line(waiter, 60).strip() == "waiting"
-        time.sleep(0.7)  # inside put_many, waiting for the lock
-        waiter.send_signal(signal.SIGINT)  # the user's Ctrl-C
+        # The user's Ctrl-C, while the child waits inside put_many for the lock held here: it
+        # cannot get out but by the interrupt, so a signal that came too early (still printing)
+        # would kill it, and one that came late is simply sent again, never a race.
         time.sleep(0.5)
-        holder.execute("ROLLBACK")  # the other writer finishes
-        out = json.loads(read_line(waiter, 60))
+        assert waiter.stdout is not None
+        for _ in range(40):
+            waiter.send_signal(signal.SIGINT)
+            ready, _, _ = select.select([waiter.stdout], [], [], 0.5)
+            if ready:
+                break
+        out = json.loads(read_line(waiter, 30))
         assert out["interrupted"] and "put_many" in out["where"], out
         assert out["in_transaction"] is not True
-        assert out["later_write"] == "ok"  # the interrupted process writes on
+        holder.execute("ROLLBACK")  # the other writer finishes
+        assert waiter.stdin is not None
+        waiter.stdin.write("\n")
+        waiter.stdin.flush()
+        later = json.loads(read_line(waiter, 60))
+        assert later["later_write"] == "ok"  # the interrupted process writes on
         # ... and, while it is still alive, every other process can write at once.
         other = SQLiteStore(str(directory), timeout=2)
         try:
