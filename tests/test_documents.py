@@ -401,3 +401,21 @@ def test_one_request_calls_within_a_second_share_a_check_and_later_ones_check_ag
     now[0] += 5
     lm.generate_until(requests(task.doc_to_visual)[2:3])
     assert task.CALLS == ["q0", "q2"]  # a call later than a second: checked again
+
+
+def test_a_function_that_moves_the_random_state_is_never_memoized(tmp_path):
+    import sqlite3
+
+    from fakes import gen_request
+
+    def jitter(doc: dict[str, Any]) -> list[Any]:
+        random.random()  # a crop, a frame choice: depends on what ran before
+        return [doc["image"]]
+
+    lm = cached(model(rows()), tmp_path)
+    lm.generate_until([gen_request(i, doc_to_visual=jitter) for i in range(4)])
+    lm.cache_close()
+    assert lm.cache_stats.bypassed == 4 and lm.cache_stats.written == 0
+    with sqlite3.connect(tmp_path / "cache.db") as conn:
+        assert conn.execute("SELECT count(*) FROM derived").fetchone()[0] == 0
+        assert conn.execute("SELECT count(*) FROM row_digests").fetchone()[0] == 1  # the rows are fine
