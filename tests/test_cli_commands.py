@@ -253,7 +253,9 @@ def test_an_int_doc_id_from_the_store_stays_an_int(proxied, monkeypatch):
             e = super().get(key)
             return e._replace(doc_id=int(e.doc_id)) if e is not None and e.doc_id is not None else e
 
-    monkeypatch.setattr(manage, "SQLiteStore", IntDocIds)
+    import lmms_cache.store
+
+    monkeypatch.setattr(lmms_cache.store, "SQLiteStore", IntDocIds)  # what open_store opens a directory with
     listed = cli_json("ls", proxied)["entries"]
     assert sorted(r["doc_id"] for r in listed) == [0, 0, 1, 2]
     assert cli_json("show", proxied, listed[0]["key"])["doc_id"] == listed[0]["doc_id"]
