@@ -40,6 +40,7 @@ from test_store import (  # noqa: F401
     test_creation_time_is_filled_in_when_missing,
     test_delete_returns_how_many_were_there,
     test_delete_where_removes_exactly_the_matching_entries,
+    test_entries_returns_whole_entries_in_the_order_asked,
     test_entries_survive_close_and_reopen,
     test_evict_removes_least_recently_used_until_under_the_limit,
     test_get_many_can_ignore_entries_older_than_a_time,

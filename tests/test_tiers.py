@@ -81,6 +81,7 @@ def test_writes_that_the_shared_tier_refuses_wait_in_a_durable_outbox(tmp_path: 
     target = lm._self_cache.tiers.target
     assert len(queue.queued(target)) == 5  # in the local file: a crash now loses nothing
     queue.close()
+    assert set(lm._self_cache.tiers.outbox.values()) == {None}  # in memory: keys only, read back when sent
     lm.cache_close()
     warned = warnings_of(caplog)
     assert len([w for w in warned if "went away" in w]) == 1  # one warning for the outage

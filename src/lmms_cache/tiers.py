@@ -196,7 +196,18 @@ class Tiers:
             outbox[e.key] = e
         self.trim()
         pushed = self.drain(max_batches=DRAIN_PER_SAVE)
+        if self.queue is not None and entries and entries[-1].key in outbox:
+            self.release(entries)
         return written if self.local.writable else pushed
+
+    def release(self, entries: Sequence[Entry]) -> None:
+        """Keep only the keys of waiting entries that are durable in the local file (read
+        back when sent): an outage of hours holds keys in memory, not responses."""
+        unsaved = {e.key for e in self.local.pending}
+        outbox = self.outbox
+        for e in entries:
+            if e.key in outbox and e.key not in unsaved:
+                outbox[e.key] = None
 
     def write_local(self, batch: list[Entry]) -> None:
         """One local transaction: the entries, their keys queued, and the keys the shared tier
