@@ -303,3 +303,29 @@ def test_push_sends_the_outbox_with_the_password_from_the_environment(
     assert sorted(stored(location)) == [0, 1, 2]
     assert isinstance(lm._self_cache.tiers.shared.store, RedisStore)
     assert not isinstance(lm.cache_store, NullStore)
+
+
+def _write_through_two_tiers(local: str, shared: str, first: int, count: int) -> None:
+    m = model(400)
+    lm = cached(m, local, shared=shared, batch_size=16)
+    lm.generate_until([gen_request(i) for i in range(first, first + count)])
+    lm.cache_close()
+
+
+def test_four_writer_processes_through_two_tiers_lose_nothing(url: str, tmp_path: Path) -> None:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    # Overlapping ranges: the same request answered by two processes is one entry.
+    procs = [ctx.Process(target=_write_through_two_tiers, args=(str(tmp_path / f"node{n}"), url, n * 80, 120))
+             for n in range(4)]  # fmt: skip
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    store = RedisStore(url)
+    assert store.stats()["entries"] == 360
+    assert sorted(e.doc_id for e in store.scan(values=False)) == list(range(360))
+    store.close()
+    assert all(len(stored(tmp_path / f"node{n}")) == 120 for n in range(4))

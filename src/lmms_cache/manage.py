@@ -330,7 +330,6 @@ def import_(store: Store, path: str, *, trust: bool = False, progress: Callable[
         raise FileNotFoundError(path)
     check_export(path)
     with opened(path, readonly=True, trust=trust) as source:
-        source.origins_proven = False  # a file anyone may have crafted, wherever it lies
         return _transfer(source, store, None, trust=trust, progress=progress, now=now)
 
 
@@ -341,11 +340,11 @@ def copy(source: Store, target: Store, where: Where | None = None, *, trust: boo
     does with a file. Entries already in ``target`` keep their value (``conflicts``);
     copies start with no hits, last used ``now``; the model descriptions come along.
 
-    Origins: an entry this user wrote in a local cache of theirs keeps its origin (it is
-    theirs); any other becomes an import, keeping only a valid signature, and one whose
-    value needs classes outside the restricted loader's allow-list is refused unless
-    ``trust`` (then it counts as the user's). Returns ``added``, ``conflicts``, ``damaged``,
-    ``refused``.
+    Origins, as :func:`import_` treats them: a copy's origin is never the source's claim
+    (a cache file may have been crafted, a server is written by many), so every entry
+    becomes an import, keeping only a valid signature; one whose value needs classes
+    outside the restricted loader's allow-list is refused unless ``trust`` (then it counts
+    as the user's). Returns ``added``, ``conflicts``, ``damaged``, ``refused``.
     """
     return _transfer(source, target, where, trust=trust, progress=progress, now=now)
 
@@ -355,7 +354,6 @@ def _transfer(source: Store, target: Store, where: Where | None, *, trust: bool,
     now = _clock() if now is None else now
     counts = {"added": 0, "conflicts": 0, "damaged": 0, "refused": 0}
     local = _trust.local_origin()
-    proven = source.origins_proven
     models = source.models()
     used: set[str] = set()
     for batch in _batches(source.scan(where)):
@@ -365,8 +363,6 @@ def _transfer(source: Store, target: Store, where: Where | None, *, trust: bool,
                 counts["damaged"] += 1
             elif trust:
                 good.append(e._replace(hits=0, used_at=now, origin=local))
-            elif proven and e.origin == local:
-                good.append(e._replace(hits=0, used_at=now))
             elif e.signature is not None and _trust.signature_valid(e.key, e.value, e.signature):
                 good.append(e._replace(hits=0, used_at=now, origin=_trust.imported_origin(e.origin)))
             elif codec.is_safe(e.value):
