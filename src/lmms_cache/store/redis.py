@@ -56,8 +56,11 @@ time in the value's header on the client.
 **A server that goes away never stops the evaluation.** Connecting gives up after
 ``connect_timeout`` (1.5 s), a reply after ``socket_timeout`` (3 s); a broken connection is
 retried once, a timeout never; then every call fails at once with :class:`StoreError` for
-``breaker_seconds`` (30 s) before the server is tried again. The proxy turns those errors
-into misses: the model answers.
+``breaker_seconds`` (30 s) before the server is tried again (the URL's ``connect_timeout``,
+``timeout`` and ``breaker`` set them). The proxy opens the store ``lazy``: nothing is
+contacted until the first call, so a run started while the server is down finds it once
+it is back. The proxy turns the errors into misses (the model answers) and says so once
+per outage; the store, made ``quiet``, then logs its own account at INFO.
 
 Hit counts are at least once (a ``touch`` replayed after a lost reply counts twice); entry
 and byte totals are exact. Management operations over many entries (``delete``,
