@@ -253,7 +253,9 @@ def test_an_int_doc_id_from_the_store_stays_an_int(proxied, monkeypatch):
             e = super().get(key)
             return e._replace(doc_id=int(e.doc_id)) if e is not None and e.doc_id is not None else e
 
-    monkeypatch.setattr(manage, "SQLiteStore", IntDocIds)
+    import lmms_cache.store
+
+    monkeypatch.setattr(lmms_cache.store, "SQLiteStore", IntDocIds)  # what open_store opens a directory with
     listed = cli_json("ls", proxied)["entries"]
     assert sorted(r["doc_id"] for r in listed) == [0, 0, 1, 2]
     assert cli_json("show", proxied, listed[0]["key"])["doc_id"] == listed[0]["doc_id"]
@@ -458,3 +460,25 @@ def test_stats_counts_entries_of_an_older_key_schema_and_prune_old_schema_drops_
     rerun = cached(again, tmp_path)
     rerun.generate_until([gen_request(i) for i in range(1, 3)])
     assert rerun.cache_stats.hits == 2
+
+
+def test_copy_between_two_directories_makes_imports_and_refuses_unsafe_values(tmp_path):
+    from lmms_cache import trust
+
+    lm = cached(FakeModel(), tmp_path / "a")
+    lm.task_dict = task_dict(3)
+    lm.generate_until([gen_request(0), gen_request(1)])
+    lm.cache_close()
+    store = open_store(tmp_path / "a")
+    store.put_many([Entry(key=b"u" * 16, value=codec.encode(argparse.Namespace(x=1)), model="m",
+                          method="generate_until", origin=trust.local_origin())])  # a class outside the safe set
+    store.close()
+    out = cli_json("copy", tmp_path / "a", tmp_path / "b")
+    assert (out["added"], out["refused"], out["conflicts"]) == (2, 1, 0)
+    copied = open_store(tmp_path / "b", readonly=True)
+    # a copy's origin is never the source's claim, even one of this user's own
+    assert {e.origin for e in copied.scan()} == {trust.imported_origin(trust.local_origin())}
+    assert set(copied.models()) == {e.model for e in copied.scan()}
+    copied.close()
+    assert cli_json("copy", tmp_path / "a", tmp_path / "b", "--trust")["added"] == 1  # vouched for: now the user's
+    assert cli_json("copy", tmp_path / "a", tmp_path / "b", "--task", "t")["conflicts"] == 2

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
-import time
+from typing import Any
 
 import pytest
 
 from fakes import FakeModel, gen_request, task_dict
 from lmms_cache import cached
+from lmms_cache.engine import TOUCH_EVERY
+from lmms_cache.proxy import CachedModel, Options, wrap
 from lmms_cache.units import format_size, parse_duration, parse_size
 
 
@@ -18,15 +20,41 @@ def model() -> FakeModel:
     return m
 
 
+class Clock:
+    """The proxy's clocks, moved by hand: wall-clock (creation, last use, expiry) and
+    monotonic (how often hits are recorded). Nothing here depends on the machine's time."""
+
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+        self.mono = 1000.0
+
+    def time(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return self.mono
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        self.mono += seconds
+
+
+def timed(m: Any, path: Any, clock: Clock, **options: Any) -> CachedModel:
+    return wrap(m, Options.make(path=path, clock=clock, **options))
+
+
 def test_max_size_keeps_the_cache_under_its_limit_evicting_the_least_recently_used(tmp_path):
-    first = cached(model(), tmp_path)
-    first.generate_until([gen_request(i) for i in range(4)])
+    clock = Clock()
+    first = timed(model(), tmp_path, clock)
+    first.generate_until([gen_request(i) for i in range(4)])  # all four created (and last used) now
     first.cache_close()
     per_entry = first.cache_store.stats()["bytes"] // 4
-    lm = cached(model(), tmp_path, max_size=per_entry * 4 + per_entry // 2)
+    clock.advance(1)
+    lm = timed(model(), tmp_path, clock, max_size=per_entry * 4 + per_entry // 2)
     lm.generate_until([gen_request(0)])  # doc 0 is now the most recently used
     lm.cache_close()  # its hit is recorded
-    lm = cached(model(), tmp_path, max_size=per_entry * 4 + per_entry // 2)
+    clock.advance(1)
+    lm = timed(model(), tmp_path, clock, max_size=per_entry * 4 + per_entry // 2)
     lm.generate_until([gen_request(4), gen_request(5)])  # two new entries push two out
     stats = lm.cache_store.stats()
     assert stats["entries"] == 4 and stats["bytes"] <= per_entry * 4 + per_entry // 2
@@ -34,29 +62,50 @@ def test_max_size_keeps_the_cache_under_its_limit_evicting_the_least_recently_us
     assert kept == [0, 3, 4, 5]  # 1 and 2 were used least recently
 
 
-def test_expired_entries_are_recomputed(tmp_path, monkeypatch):
-    m = model()
-    cached(m, tmp_path).generate_until([gen_request(0), gen_request(1)])
-    later = time.time() + 3 * 86400
-    monkeypatch.setattr(time, "time", lambda: later)
+def test_expired_entries_are_recomputed(tmp_path):
+    clock = Clock()
+    timed(model(), tmp_path, clock).generate_until([gen_request(0), gen_request(1)])
+    clock.advance(2 * 86400 - 1)
+    young = model()
+    lm = timed(young, tmp_path, clock, expire_after="2d")
+    lm.generate_until([gen_request(0), gen_request(1)])
+    assert lm.cache_stats.hits == 2 and young.calls == 0  # a second short of two days: still fresh
+    clock.advance(2)
     fresh = model()
-    lm = cached(fresh, tmp_path, expire_after="2d")
+    lm = timed(fresh, tmp_path, clock, expire_after="2d")
     lm.generate_until([gen_request(0), gen_request(1)])
     assert lm.cache_stats.hits == 0 and fresh.calls == 1
     again = model()
-    lm = cached(again, tmp_path, expire_after="2d")
+    lm = timed(again, tmp_path, clock, expire_after="2d")
     lm.generate_until([gen_request(0), gen_request(1)])  # recomputed entries are new again
     assert lm.cache_stats.hits == 2 and again.calls == 0
 
 
 def test_hits_are_recorded_in_batches_and_flushed_on_close(tmp_path):
-    cached(model(), tmp_path).generate_until([gen_request(0), gen_request(1)])
-    lm = cached(model(), tmp_path)
+    clock = Clock()
+    timed(model(), tmp_path, clock).generate_until([gen_request(0), gen_request(1)])
+    lm = timed(model(), tmp_path, clock)
     for _ in range(3):
         lm.generate_until([gen_request(0)])
+        clock.advance(TOUCH_EVERY / 4)  # (however slow the machine: the proxy's clock is this one)
     assert {e.doc_id: e.hits for e in lm.cache_store.scan(values=False)} == {0: 0, 1: 0}  # not yet
     lm.cache_close()
     assert {e.doc_id: e.hits for e in lm.cache_store.scan(values=False)} == {0: 3, 1: 0}
+
+
+def test_hits_are_recorded_once_the_touch_interval_has_passed(tmp_path):
+    clock = Clock()
+    timed(model(), tmp_path, clock).generate_until([gen_request(0), gen_request(1)])
+    lm = timed(model(), tmp_path, clock)
+    lm.generate_until([gen_request(0)])
+    clock.advance(TOUCH_EVERY - 1)
+    lm.generate_until([gen_request(1)])
+    assert {e.doc_id: e.hits for e in lm.cache_store.scan(values=False)} == {0: 0, 1: 0}  # not yet
+    clock.advance(1)
+    lm.generate_until([gen_request(1)])  # the interval has passed: this call's hits flush all
+    entries = {e.doc_id: e for e in lm.cache_store.scan(values=False)}
+    assert {d: e.hits for d, e in entries.items()} == {0: 1, 1: 2}
+    assert entries[1].used_at == clock.now  # last use: the proxy's wall clock at the flush
 
 
 def test_readonly_records_no_hits(tmp_path):

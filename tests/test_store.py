@@ -221,10 +221,9 @@ def test_a_store_is_usable_from_several_threads(store: Store) -> None:
 def test_null_store_never_hits_and_keeps_nothing() -> None:
     store = NullStore("/nowhere", "mode off")
     store.put_many([entry(1)])
-    store.remember_files([("/a", (1,), b"d")])
     store.remember_model("abc", "{}")
     assert store.get_many([key(1)]) == {}
-    assert store.file_digest("/a", (1,)) is None
+    assert store.entries([key(1)]) == [] and store.get(key(1)) is None
     assert store.delete([key(1)]) == 0
     assert list(store.scan()) == []
     assert store.stats() == {"entries": 0, "bytes": 0}
@@ -809,4 +808,69 @@ def test_compact_gives_space_back_after_deleting(tmp_path: Path) -> None:
     store.delete_where(Where())
     store.compact()
     assert os.path.getsize(store.path) < full / 4
+    store.close()
+
+
+# -- the split interfaces and open_store's routing -----------------------------------------------
+
+
+def test_entries_returns_whole_entries_in_the_order_asked(store: Store) -> None:
+    store.put_many([entry(i, components='{"d":{}}', prompt="p") for i in range(5)])
+    found = store.entries([key(3), key(9), key(1)])
+    assert [e.key for e in found] == [key(3), key(1)]
+    assert found[0].value == b"value 3" and found[0].components == '{"d":{}}' and found[0].prompt == "p"
+    assert [e.value for e in store.entries([key(2)], values=False)] == [b""]
+    assert store.entries([]) == []
+    assert store.get(key(4)) == store.entries([key(4)])[0]
+
+
+def test_the_interfaces_split_what_each_user_needs() -> None:
+    from lmms_cache.store import Backend, Catalogue, Memos
+
+    backend = {"get_many", "put_many", "touch", "evict", "close"}
+    catalogue = {"entries", "scan", "stats", "summary", "delete", "delete_where", "similar", "models"}
+    assert backend <= set(dir(Backend)) and not catalogue & set(dir(Backend))
+    assert catalogue <= set(dir(Catalogue)) and not {"get_many", "put_many", "touch"} & set(dir(Catalogue))
+    assert issubclass(SQLiteStore, Backend) and issubclass(SQLiteStore, Catalogue)
+    assert isinstance(NullStore(), Store)
+    memos = {"file_digest", "remember_files", "row_digests", "remember_row_digests", "derived_many",
+             "remember_derived", "forget_derived"}  # fmt: skip
+    assert memos <= set(dir(Memos)) and memos <= set(dir(SQLiteStore))
+    assert not memos & set(dir(Store))  # a server never holds the memos
+
+
+def test_open_store_takes_a_directory_a_database_file_or_a_url(tmp_path: Path) -> None:
+    by_directory = open_store(tmp_path / "c")
+    by_directory.put_many([entry(1)])
+    by_directory.close()
+    assert isinstance(by_directory, SQLiteStore) and by_directory.location == str(tmp_path / "c" / "cache.db")
+    by_file = open_store(tmp_path / "c" / "cache.db", readonly=True)
+    assert isinstance(by_file, SQLiteStore) and by_file.get_many([key(1)])
+    by_file.close()
+    with pytest.raises(StoreError, match="no cache"):
+        open_store(tmp_path / "nothing", create=False)
+    assert not (tmp_path / "nothing").exists()
+    pytest.importorskip("redis")
+    from lmms_cache.store.redis import RedisStore
+
+    lazy = open_store("redis://:secret@127.0.0.1:1/0?prefix=t&breaker=5", lazy=True)  # nothing listens: no error yet
+    assert isinstance(lazy, RedisStore) and "secret" not in lazy.location and not lazy.origins_proven
+    with pytest.raises(StoreError):
+        lazy.get_many([key(1)])
+    with pytest.raises(StoreError):
+        open_store("redis://127.0.0.1:1/0")  # eager (management): at once
+
+
+def test_sqlite_outbox_queues_in_the_writing_transaction(tmp_path: Path) -> None:
+    store = SQLiteStore(str(tmp_path / "c"))
+    assert store.queued("redis://x") == [] and store.outboxes() == {}
+    store.put_many([entry(i) for i in range(3)], outbox="redis://x")
+    store.put_many([entry(3)], outbox="redis://x", sent=[key(0), key(1)])
+    store.put_many([entry(4)])  # not queued
+    assert store.queued("redis://x") == [key(2), key(3)] and store.queued("redis://y") == []
+    assert store.outboxes() == {"redis://x": 2}
+    assert store.dequeue("redis://x", [key(2), key(7)]) == 1
+    reopened = SQLiteStore(str(tmp_path / "c"), readonly=True)  # durable: another connection sees it
+    assert reopened.queued("redis://x") == [key(3)]
+    reopened.close()
     store.close()

@@ -40,6 +40,7 @@ from test_store import (  # noqa: F401
     test_creation_time_is_filled_in_when_missing,
     test_delete_returns_how_many_were_there,
     test_delete_where_removes_exactly_the_matching_entries,
+    test_entries_returns_whole_entries_in_the_order_asked,
     test_entries_survive_close_and_reopen,
     test_evict_removes_least_recently_used_until_under_the_limit,
     test_get_many_can_ignore_entries_older_than_a_time,
@@ -679,12 +680,20 @@ def test_keys_must_be_16_bytes(store: RedisStore) -> None:
     ("unix:///run/redis.sock?db=2&prefix=p", "unix:///run/redis.sock?db=2&prefix=p", None),
     ("unix://:pw@/run/redis.sock", "unix:///run/redis.sock?db=0&prefix=default", "pw"),
     ("redis://[::1]:6379/0", "redis://[::1]:6379/0?prefix=default", None),
+    ("redis://h/0?prefix=t&timeout=0.5&breaker=2", "redis://h:6379/0?prefix=t", None),  # not part of the location
 ])  # fmt: skip
 def test_urls_parse_and_the_location_has_no_password(url: str, location: str, password: str | None) -> None:
     target = parse_url(url, environ={})
     assert (target.location, target.password) == (location, password)
     assert "pw" not in repr(target) and "ss/w" not in repr(target)
     assert parse_url(target.location, environ={}).location == location
+
+
+def test_timeouts_in_the_url_tune_the_fault_handling() -> None:
+    require_redis()
+    store = RedisStore("redis://127.0.0.1:1/0?timeout=0.5&connect_timeout=0.25&breaker=7", lazy=True)
+    assert (store._socket_timeout, store._connect_timeout, store._breaker.seconds) == (0.5, 0.25, 7.0)
+    assert parse_url("redis://h?breaker=7").timeouts == {"breaker": 7.0}
 
 
 def test_the_password_comes_from_the_environment_when_the_url_has_none() -> None:
@@ -697,7 +706,9 @@ def test_the_password_comes_from_the_environment_when_the_url_has_none() -> None
     ("http://h", "redis://, rediss:// or unix://"),
     ("redis://h?prefix=a{b}", "prefix"),
     ("redis://h?prefix=", "prefix"),
-    ("redis://h?timeout=3", "unknown option"),
+    ("redis://h?retries=3", "unknown option"),
+    ("redis://h?timeout=soon", "timeout must be a number of seconds"),
+    ("redis://h?breaker=0", "breaker must be a number of seconds"),
     ("redis://h?prefix=a&prefix=b", "twice"),
     ("redis://h/zero", "db must be a number"),
     ("redis://:sekrit@h:99999", "not a Redis URL"),

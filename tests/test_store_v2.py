@@ -395,13 +395,13 @@ def test_memos_of_a_read_only_store_are_read_and_never_written(tmp_path: Path) -
     assert dump(tmp_path / "c" / "cache.db") == before
 
 
-def test_stores_without_memos_remember_nothing() -> None:
+def test_only_a_local_file_holds_memos() -> None:
+    """The memos are not part of the store interface: a null store (or a server) has none,
+    and the proxy keeps them in a local SQLite file (tests/test_proxy_redis.py)."""
     s = NullStore()
-    s.remember_row_digests("fp", "test", b"r" * 16)
-    s.remember_derived([(b"f", b"row", b"d" * 16, None)])
-    assert s.row_digests("fp", "test") is None
-    assert s.derived_many(b"f", [b"row"]) == {}
-    assert s.forget_derived(b"f") == 0
+    for name in ("row_digests", "remember_row_digests", "derived_many", "remember_derived", "forget_derived",
+                 "file_digest", "remember_files"):  # fmt: skip
+        assert not hasattr(s, name), name
     assert s.get_many([key(1)]) == {}
 
 

@@ -16,8 +16,10 @@ from . import __version__, codec, harness_cache, manage
 from .identity import identify_arguments
 from .key import KEY_SCHEMA
 from .lazy import is_constructed, lazy_model
+from .observe import HitCounter
 from .proxy import CacheMissError, Options, wrap
-from .store import Entry, Store, StoreError, Where, default_location
+from .store import Entry, SQLiteStore, StoreError, Where, default_location, is_url, open_store
+from .store.redis import redact
 from .units import format_size, parse_duration, parse_size
 
 #: Exit codes (also in ``lmms-cache --help``).
@@ -173,7 +175,8 @@ def _stats(args: argparse.Namespace) -> int:
         f"entries           {summary['entries']}",
         f"values            {format_size(summary['bytes'])} stored, {format_size(summary['raw_bytes'])} "
         f"uncompressed (ratio {ratio:.2f})",
-        f"on disk           {format_size(summary['file_bytes'])}",
+        (f"server memory     {format_size(summary['server_bytes'])} (the whole server's used memory)"
+         if "server_bytes" in summary else f"on disk           {format_size(summary['file_bytes'])}"),
         f"hits served       {summary['hits']}",
         f"model time saved  {summary['seconds_saved']:.1f} s",
         *([f"old key schema    {_entries(old)} the proxy never hits ({format_size(old_bytes)}): "
@@ -321,9 +324,13 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    directory, filename = manage.location(args.path)
-    db = os.path.join(directory, filename)
-    aside_before = _set_aside_files(db)
+    if is_url(args.path):
+        db = ""
+        aside_before: set[str] = set()
+    else:
+        directory, filename = manage.location(args.path)
+        db = os.path.join(directory, filename)
+        aside_before = _set_aside_files(db)
     try:
         with _open(args, readonly=not args.drop) as store:
             total = store.stats()["entries"]
@@ -335,10 +342,10 @@ def _verify(args: argparse.Namespace) -> int:
                     bar.close()
             foreign = manage.foreign_unsafe(store)
     except StoreError as exc:
-        if args.drop or not os.path.exists(db):
+        if args.drop or not db or not os.path.exists(db):
             return _fail(str(exc))
         return _fail(f"{exc}; if the file is damaged, verify --drop moves it aside and starts a new cache")
-    moved = sorted(_set_aside_files(db) - aside_before)
+    moved = sorted(_set_aside_files(db) - aside_before) if db else []
     if moved:  # the file itself was damaged: the store moved it aside on opening
         data = {"checked": 0, "damaged": [], "dropped": 0, "file_damaged": True, "moved_to": moved[0]}
         _emit(args, data, f"the cache file {db} was damaged: it was moved to {moved[0]} and a new, empty cache "
@@ -370,6 +377,65 @@ def _recover(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _push(args: argparse.Namespace) -> int:
+    if is_url(args.path):
+        raise UsageError("push sends a local cache's outbox: give the local cache (its directory), not a server")
+    with manage.opened(args.path, readonly=False, trust=args.trust) as local:
+        assert isinstance(local, SQLiteStore)
+        waiting = local.outboxes()
+        if args.shared is not None:
+            target = open_store(args.shared, readonly=True, lazy=True).location  # (names the queue; no connection)
+            waiting = {target: waiting.get(target, 0)}
+        results: list[dict[str, Any]] = []
+        for target, queued in waiting.items():
+            # The queue names the server without its password: $LMMS_CACHE_REDIS_PASSWORD, or --shared's URL.
+            url = args.shared if args.shared is not None else target
+            shared = open_store(url)
+            try:
+                bar = _progress(args, queued, f"pushing to {target}")
+                try:
+                    counts = manage.push(local, shared, target=target, progress=bar.update if bar else None)
+                finally:
+                    if bar is not None:
+                        bar.close()
+            finally:
+                shared.close()
+            results.append({"shared": target, **counts})
+    lines = [f"{r['shared']}: pushed {_entries(r['pushed'])}"
+             + (f", {r['missing']} no longer in the local cache" if r["missing"] else "")
+             + (f", {r['left']} still queued" if r["left"] else "") for r in results]  # fmt: skip
+    _emit(args, {"outboxes": results}, "\n".join(lines) or "nothing waits to be pushed")
+    return EXIT_OK
+
+
+def _copy(args: argparse.Namespace) -> int:
+    with manage.opened(args.path, readonly=True, trust=args.trust) as source, \
+            manage.opened(args.destination, readonly=False, trust=args.trust, create=True) as target:  # fmt: skip
+        where = _filter(args).where(source)
+        bar = _progress(args, manage.count(source, where), "copying")
+        try:
+            counts = manage.copy(source, target, where, trust=args.trust, progress=bar.update if bar else None)
+        finally:
+            if bar is not None:
+                bar.close()
+        names = (source.location, target.location)
+    refused = (f"; {_entries(counts['refused'])} refused: written elsewhere, unsigned, and needing classes "
+               "outside the safe set to load (--trust copies them; only from people you trust)"
+               if counts["refused"] else "")  # fmt: skip
+    _emit(args, {**counts, "source": names[0], "destination": names[1]},
+          f"copied {_entries(counts['added'])} from {names[0]} to {names[1]}; {counts['conflicts']} already there "
+          f"kept their value; {counts['damaged']} damaged skipped{refused}")  # fmt: skip
+    return EXIT_OK
+
+
+def _display(location: str) -> str:
+    """A cache's location as the summary names it: a server without its password, a
+    directory by its database file."""
+    if is_url(location):
+        return redact(location)
+    return os.path.join(*manage.location(location))
+
+
 def _set_aside_files(db: str) -> set[str]:
     directory, name = os.path.split(db)
     try:
@@ -397,7 +463,7 @@ class _CachingFactory:
         self._options = options
         self._parse = parse
         self.created: list[Any] = []
-        self.hits: dict[bytes, int] = {}  # key -> hits in this run, as the proxy records them
+        self.counter = HitCounter()  # key -> hits in this run, as the proxies record them
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._cls, name)
@@ -415,27 +481,35 @@ class _CachingFactory:
         # The identity comes from the arguments the model will be built with (its class, code,
         # settings and local checkpoint files): reading the model would build it.
         identity = identify_arguments(self._cls, self._harness, self._name, model_args)
-        lm = wrap(model, Options.make(path=o.cache_dir, batch_size=o.batch_size, on_miss=o.on_miss,
-                                      identity=identity))  # fmt: skip
-        _count_hits(lm.cache_store, self.hits)
         if o.clear_cache and int(os.environ.get("RANK", 0)) == 0:
-            removed = lm.cache_store.delete_where(Where(models=(lm.cache_identity.digest,)))
-            print(f"lmms-cache: cleared {_entries(removed)} of {lm.cache_identity.label}", file=sys.stderr)
+            # The local cache's entries of this model (never a shared tier's: the team's).
+            try:
+                with manage.opened(self.location, readonly=False) as store:
+                    removed = store.delete_where(Where(models=(identity.digest,)))
+            except StoreError:
+                removed = 0  # no cache yet
+            print(f"lmms-cache: cleared {_entries(removed)} of {identity.label}", file=sys.stderr)
+        lm = wrap(model, Options.make(path=o.cache_dir, batch_size=o.batch_size, on_miss=o.on_miss,
+                                      identity=identity, shared=o.shared, observers=[self.counter]))  # fmt: skip
         self.created.append(lm)
         return lm
 
+    @property
+    def location(self) -> str:
+        return self._options.cache_dir if self._options.cache_dir is not None else default_location()
 
-def _count_hits(store: Store, counts: dict[bytes, int]) -> None:
-    """Tally the hits the proxy records through ``store.touch`` (batched, at the latest when
-    the proxy is closed): what the summary line's model time saved is computed from."""
-    record = store.touch
-
-    def touch(hits: Mapping[bytes, int], when: float) -> None:
-        for key, n in hits.items():
-            counts[key] = counts.get(key, 0) + n
-        record(hits, when)
-
-    setattr(store, "touch", touch)  # noqa: B010 (an instance attribute over the method)
+    def saved_seconds(self) -> float:
+        """The model time the hits counted so far saved (each hit: its entry's model time),
+        read from the cache once its proxies are closed."""
+        keys = list(self.counter.counts)
+        if not keys:
+            return 0.0
+        try:
+            with manage.opened(self.location, readonly=True) as store:
+                found = store.entries(keys, values=False)
+        except StoreError:
+            return 0.0
+        return sum(self.counter.counts[e.key] * e.model_seconds for e in found)
 
 
 class HarnessMissing(Exception):
@@ -519,18 +593,13 @@ def _summary(created: Sequence[Any], factories: Sequence[_CachingFactory]) -> st
     built = any(is_constructed(lm.__wrapped__) for lm in created)
     saved = 0.0
     for f in factories:
-        for lm in f.created[:1]:  # the hits of all its proxies, in the one cache they share
-            store = lm.cache_store
-            for key, n in f.hits.items():
-                try:
-                    entry = store.get(key)
-                except StoreError:
-                    entry = None
-                if entry is not None:
-                    saved += n * entry.model_seconds
-            store.close()
-        f.hits.clear()
-    where = created[0].cache_store.location
+        if f.created:
+            saved += f.saved_seconds()
+        f.counter.counts.clear()
+    where = _display(factories[0].location) if factories else ""
+    shared = factories[0]._options.shared if factories else None
+    if shared is not None:
+        where += f" (shared: {_display(shared)})"
     return (f"lmms-cache: {_plural(hits, 'hit')}, {_plural(misses, 'miss', 'misses')}, {written} written; "
             f"model {'built' if built else 'never built'}; model time saved {saved:.1f} s; cache {where}")  # fmt: skip
 
@@ -558,8 +627,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)  # fmt: skip
     parser.add_argument("--version", action="version", version=f"lmms-cache {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    where = (f"the cache: its directory or its database file (default: $LMMS_CACHE_DIR, else "
-             f"{default_location()})")  # fmt: skip
+    where = (f"the cache: its directory, its database file, or a server URL (redis://host:6379/0?prefix=NAME, "
+             f"rediss://, unix://; password from the URL or $LMMS_CACHE_REDIS_PASSWORD) (default: $LMMS_CACHE_DIR, "
+             f"else {default_location()})")  # fmt: skip
 
     def command(name: str, run: Callable[[argparse.Namespace], int], help: str, *, json_out: bool = True,
                 filters: bool = False) -> argparse.ArgumentParser:  # fmt: skip
@@ -625,6 +695,14 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--trust", action="store_true",
                      help="recover a file owned by another user (its values are pickles: loading them runs code)")
     rec.set_defaults(run=_recover)
+    push = command("push", _push, "send what a local cache's outbox holds to its shared cache (responses a run with "
+                                  "shared=... could not send while the server was away)")  # fmt: skip
+    push.add_argument("--shared", metavar="URL", default=None,
+                      help="only this shared cache's queue, reached with this URL (its password, if any); default: "
+                           "every queue, each server reached with $LMMS_CACHE_REDIS_PASSWORD")  # fmt: skip
+    cp = command("copy", _copy, "copy entries between two caches, any of them a directory, a file or a server "
+                                "(existing entries win), e.g. warm a laptop's cache from the team's", filters=True)  # fmt: skip
+    cp.add_argument("destination", metavar="DEST", help="the cache to copy into (created when it is a new directory)")
     # listed here for --help; main() parses eval's words with build_eval_parser()
     commands.add_parser("eval", help="run lmms-eval's (or lm-eval's) command line with its model cached",
                         add_help=False)  # fmt: skip
@@ -637,7 +715,10 @@ def build_eval_parser() -> argparse.ArgumentParser:
                                  description=_EVAL_DESCRIPTION, epilog=_EVAL_EPILOG, allow_abbrev=False,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     ev.add_argument("--cache-dir", default=None, metavar="DIR",
-                    help="the cache directory (default: $LMMS_CACHE_DIR, else the per-user one)")
+                    help="the cache directory, or a server URL (default: $LMMS_CACHE_DIR, else the per-user one)")
+    ev.add_argument("--shared", default=None, metavar="URL",
+                    help="a shared cache behind the local one (redis://host:6379/0?prefix=NAME): read when the "
+                         "local one misses, written after it")
     ev.add_argument("--no-cache", action="store_true", help="run without the cache")
     ev.add_argument("--clear-cache", action="store_true",
                     help="first delete this model's entries (same name and --model_args)")

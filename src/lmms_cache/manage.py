@@ -1,11 +1,12 @@
 """Managing a cache from Python: what the ``lmms-cache`` command does, as functions.
 
 Every function takes an open :class:`~lmms_cache.store.Store`: :func:`opened` opens the
-cache at a directory or database file for a ``with`` block, never creating one, and a
-read leaves no ``-wal``/``-shm`` files behind. Sizes count stored value bytes (compressed
-as stored), not the file, which also holds indexes and free pages; :func:`prune` gives
-freed pages back to the file system. Times are Unix times; functions that compare with
-the current time take ``now=``.
+cache at a directory, a database file or a server URL (through
+:func:`~lmms_cache.store.open_store`) for a ``with`` block, never creating a local one, and
+a read leaves no ``-wal``/``-shm`` files behind. Sizes count stored value bytes
+(compressed as stored), not the file, which also holds indexes and free pages;
+:func:`prune` gives freed pages back to the file system. Times are Unix times; functions
+that compare with the current time take ``now=``.
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ from . import codec
 from . import trust as _trust  # (functions here take a trust= flag)
 from .explain import differences
 from .key import KEY_SCHEMA
-from .store import Entry, SQLiteStore, Store, StoreError, Where
-from .store.sqlite import APPLICATION_ID, FILENAME, salvage
+from .store import Entry, SQLiteStore, Store, StoreError, Where, file_of, is_url, open_store
+from .store.sqlite import APPLICATION_ID, salvage
 
-__all__ = ["Filter", "NotAnExportError", "check_export", "count", "description", "export", "find", "import_", "jsonable", "label",
-           "location", "opened", "preview", "prune", "recover", "verify"]  # fmt: skip
+__all__ = ["Filter", "NotAnExportError", "check_export", "copy", "count", "description", "export", "find", "import_",
+           "jsonable", "label", "location", "opened", "preview", "prune", "push", "recover", "verify"]  # fmt: skip
 
 _EXPORT_BATCH = 500
 
@@ -328,31 +329,84 @@ def import_(store: Store, path: str, *, trust: bool = False, progress: Callable[
     if not os.path.isfile(path):
         raise FileNotFoundError(path)
     check_export(path)
+    with opened(path, readonly=True, trust=trust) as source:
+        return _transfer(source, store, None, trust=trust, progress=progress, now=now)
+
+
+def copy(source: Store, target: Store, where: Where | None = None, *, trust: bool = False,
+         progress: Callable[[int], None] | None = None, now: float | None = None) -> dict[str, int]:
+    """Copy the entries ``where`` selects (all by default) from ``source`` to ``target``,
+    any two locations (a team's server to a laptop's directory, or back): what :func:`import_`
+    does with a file. Entries already in ``target`` keep their value (``conflicts``);
+    copies start with no hits, last used ``now``; the model descriptions come along.
+
+    Origins, as :func:`import_` treats them: a copy's origin is never the source's claim
+    (a cache file may have been crafted, a server is written by many), so every entry
+    becomes an import, keeping only a valid signature; one whose value needs classes
+    outside the restricted loader's allow-list is refused unless ``trust`` (then it counts
+    as the user's). Returns ``added``, ``conflicts``, ``damaged``, ``refused``.
+    """
+    return _transfer(source, target, where, trust=trust, progress=progress, now=now)
+
+
+def _transfer(source: Store, target: Store, where: Where | None, *, trust: bool,
+              progress: Callable[[int], None] | None, now: float | None) -> dict[str, int]:  # fmt: skip
     now = _clock() if now is None else now
     counts = {"added": 0, "conflicts": 0, "damaged": 0, "refused": 0}
     local = _trust.local_origin()
-    with opened(path, readonly=True, trust=trust) as source:
-        for digest, description in source.models().items():
-            store.remember_model(digest, description)
-        for batch in _batches(source.scan()):
-            good = []
-            for e in batch:
-                if not codec.verify(e.value):
-                    counts["damaged"] += 1
-                elif trust:
-                    good.append(e._replace(hits=0, used_at=now, origin=local))
-                elif e.signature is not None and _trust.signature_valid(e.key, e.value, e.signature):
-                    good.append(e._replace(hits=0, used_at=now, origin=_trust.imported_origin(e.origin)))
-                elif codec.is_safe(e.value):
-                    good.append(e._replace(hits=0, used_at=now, origin=_trust.imported_origin(e.origin),
-                                           signature=None))  # fmt: skip
-                else:
-                    counts["refused"] += 1
-            added = store.put_many(good, replace=False)
-            counts["added"] += added
-            counts["conflicts"] += len(good) - added
-            if progress is not None:
-                progress(len(batch))
+    models = source.models()
+    used: set[str] = set()
+    for batch in _batches(source.scan(where)):
+        good = []
+        for e in batch:
+            if not codec.verify(e.value):
+                counts["damaged"] += 1
+            elif trust:
+                good.append(e._replace(hits=0, used_at=now, origin=local))
+            elif e.signature is not None and _trust.signature_valid(e.key, e.value, e.signature):
+                good.append(e._replace(hits=0, used_at=now, origin=_trust.imported_origin(e.origin)))
+            elif codec.is_safe(e.value):
+                good.append(e._replace(hits=0, used_at=now, origin=_trust.imported_origin(e.origin),
+                                       signature=None))  # fmt: skip
+            else:
+                counts["refused"] += 1
+        for digest in {e.model for e in good} - used:
+            if digest in models:
+                target.remember_model(digest, models[digest])
+                used.add(digest)
+        added = target.put_many(good, replace=False) if good else 0
+        counts["added"] += added
+        counts["conflicts"] += len(good) - added
+        if progress is not None:
+            progress(len(batch))
+    return counts
+
+
+def push(local: SQLiteStore, shared: Store, *, target: str | None = None, batch: int = _EXPORT_BATCH,
+         progress: Callable[[int], None] | None = None) -> dict[str, int]:  # fmt: skip
+    """Send what the local cache's outbox holds for ``shared`` (queued by a proxy with a
+    shared tier that could not reach it) and take it off the queue. ``target`` names the
+    queue (default: ``shared.location``). Returns ``pushed``, ``missing`` (queued entries no
+    longer in the local cache, taken off the queue) and ``left`` (still queued).
+
+    Raises:
+        StoreError: either store fails (what was sent before stays sent).
+    """
+    target = shared.location if target is None else target
+    counts = {"pushed": 0, "missing": 0, "left": 0}
+    while True:
+        keys = local.queued(target, batch)
+        if not keys:
+            break
+        entries = local.entries(keys)
+        if entries:
+            shared.put_many(entries)
+        local.dequeue(target, keys)
+        counts["pushed"] += len(entries)
+        counts["missing"] += len(keys) - len(entries)
+        if progress is not None:
+            progress(len(keys))
+    counts["left"] = local.outboxes().get(target, 0)
     return counts
 
 
@@ -391,43 +445,45 @@ def _batches(entries: Iterator[Entry]) -> Iterator[list[Entry]]:
 
 
 def location(path: str | os.PathLike[str] | None) -> tuple[str, str]:
-    """(directory, file name) of a cache given as its directory (holding ``cache.db``) or as
-    the database file itself (``runs/cache/cache.db``, an export file); None: the default."""
-    from .store import default_location
-
-    where = os.path.abspath(os.path.expanduser(os.fspath(path) if path is not None else default_location()))
-    if os.path.isfile(where):
-        directory, filename = os.path.split(where)
-        return directory, filename
-    return where, FILENAME
+    """(directory, file name) of a local cache given as its directory (holding ``cache.db``)
+    or as the database file itself (``runs/cache/cache.db``, an export file); None: the default."""
+    return file_of(path)
 
 
 @contextlib.contextmanager
 def opened(path: str | os.PathLike[str] | None, *, readonly: bool, trust: bool = False,
            create: bool = False) -> Iterator[Store]:  # fmt: skip
-    """The cache at ``path`` (see :func:`location`), open for the duration of a ``with``.
+    """The cache at ``path`` (a directory, a database file, see :func:`location`, or a
+    server URL), open for the duration of a ``with``.
 
-    Never creates a cache unless ``create``. Reading leaves no trace: SQLite creates the
-    ``-wal`` and ``-shm`` files of a WAL database even to read it, and a read-only connection
-    cannot remove them; when there were none before, they are removed on the way out (by a
-    brief read-write open, which SQLite's last connection closes and cleans up; a file that
-    another process has open keeps them).
+    Never creates a local cache unless ``create``. Reading leaves no trace: SQLite creates
+    the ``-wal`` and ``-shm`` files of a WAL database even to read it, and a read-only
+    connection cannot remove them; when there were none before, they are removed on the
+    way out (by a brief read-write open, which SQLite's last connection closes and cleans
+    up; a file that another process has open keeps them).
 
     Raises:
-        StoreError: no cache there, or one that cannot be opened.
+        StoreError: no cache there, or one that cannot be opened (a server that does not answer).
     """
+    if is_url(path):
+        store = open_store(path, readonly=readonly, trust=trust)
+        try:
+            yield store
+        finally:
+            store.close()
+        return
     directory, filename = location(path)
     db = os.path.join(directory, filename)
     if not create and not os.path.exists(db):
         raise StoreError(f"no cache at {db}")
     untouched = readonly and not any(os.path.exists(db + s) for s in ("-wal", "-shm"))
-    store = None
+    opened_store = None
     try:
-        store = SQLiteStore(directory, filename=filename, readonly=readonly, trust=trust)
-        yield store
+        opened_store = open_store(db if os.path.isfile(db) else directory, readonly=readonly, trust=trust)
+        yield opened_store
     finally:
-        if store is not None:
-            store.close()
+        if opened_store is not None:
+            opened_store.close()
         if untouched and any(os.path.exists(db + s) for s in ("-wal", "-shm")):
             _tidy(db)
 
@@ -442,10 +498,6 @@ def _tidy(db: str) -> None:
 
 
 def open_for_cli(path: str | None, *, readonly: bool, trust: bool = False) -> Store:
-    """Open a cache for a management command (never creating one where there is none).
-    Prefer :func:`opened`, which also leaves no ``-wal``/``-shm`` files behind a read."""
-    directory, filename = location(path)
-    db = os.path.join(directory, filename)
-    if not os.path.exists(db):
-        raise StoreError(f"no cache at {db}")
-    return SQLiteStore(directory, filename=filename, readonly=readonly, trust=trust)
+    """Open a cache for a management command (never creating a local one where there is
+    none). Prefer :func:`opened`, which also leaves no ``-wal``/``-shm`` files behind a read."""
+    return open_store(path, readonly=readonly, trust=trust, create=False)

@@ -1,44 +1,52 @@
 """The caching proxy: intercept the request methods, answer hits, batch the misses.
 
-One call (``lm.generate_until(requests)``):
-
-1. key every request (before the model sees it: models mutate ``gen_kwargs``);
-2. look all keys up in one round trip;
-3. send the misses, de-duplicated, to the model in batches of ``batch_size``; write each
-   batch's responses in one transaction as soon as it returns (failures are never
-   written);
-4. merge hits and fresh responses back into request order.
+One call (``lm.generate_until(requests)``) is the engine's (:mod:`lmms_cache.engine`): key
+every request, look them up in one round trip per chunk, send the de-duplicated misses to
+the model in batches of ``batch_size``, write each batch as soon as it returns, merge.
+Here: the options, the wiring of stores (:mod:`lmms_cache.tiers`, each behind the fault
+wrapper of :mod:`lmms_cache.guard`), key builder, engine and observers, and the model
+identity checked at every call.
 
 Store problems never reach the evaluation: they become misses (or unsaved responses)
-plus one warning per kind of problem.
+plus one warning per outage.
 """
 
 from __future__ import annotations
 
-import copy
 import datetime
-import gc
-import json
 import logging
 import math
 import os
-import sys
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, cast
 
 import wrapt
 
-from . import codec, trust
-from .documents import Derivations, Recording, deps_hold, encode_deps
-from .explain import describe, explain_against
+from . import trust
+from .documents import Derivations, deps_hold
+from .engine import KEY_CHUNK, CacheStats, Clock, Engine, HitLog, Observer, SystemClock
 from .fingerprint import Encoder, FileDigests
+from .guard import MAX_PENDING, Guarded, Warnings
 from .identity import ModelIdentity, Tracker
-from .identity import differences as identity_differences
-from .key import KEY_SCHEMA, KeyBuilder, RequestKey
-from .store import Entry, NullStore, Store, StoreError, default_location, open_store
+from .key import KeyBuilder, RequestKey
+from .observe import Explainer
+from .store import (
+    Entry,
+    Memos,
+    NullStore,
+    SQLiteStore,
+    Store,
+    StoreError,
+    default_location,
+    is_url,
+    open_memos,
+    open_store,
+)
+from .store.redis import redact
+from .tiers import Tiers
 from .units import parse_duration, parse_size
 
 __all__ = ["DEFAULT_BATCH_SIZE", "METHODS", "MODES", "CacheMissError", "CacheStats", "CachedModel", "cached",
@@ -52,17 +60,10 @@ MODES = ("readwrite", "readonly", "refresh", "off")
 # while a model that batches or runs requests concurrently inside one call (vLLM, API
 # wrappers with num_concurrent) still gets enough work per call to stay efficient.
 DEFAULT_BATCH_SIZE = 64
-# Requests keyed and looked up at a time within a call (one SELECT of the SQLite store).
-_KEY_CHUNK = 900
-_MAX_PENDING = 100_000  # unsaved entries kept for a retry while the store refuses writes
-# Hit bookkeeping (counts and last use, for stats and LRU eviction) is written at most every
-# _TOUCH_EVERY seconds or _TOUCH_MAX distinct keys, and when the proxy closes or the process
-# exits: one statement per flush, never a write per hit.
-_TOUCH_EVERY = 10.0
-_TOUCH_MAX = 50_000
+_KEY_CHUNK = KEY_CHUNK  # (requests keyed and looked up at a time: see lmms_cache.engine)
+_MAX_PENDING = MAX_PENDING  # unsaved entries kept for a retry while the store refuses writes (read at wrapping)
 
 _FAILURE_MARKERS = ("[LMMS_EVAL_REQUEST_FAILED", "[LMMS_EVAL_BUDGET_EXCEEDED]")
-_KEY_SCHEMA = KEY_SCHEMA.decode()
 
 
 def default_is_failure(response: Any) -> bool:
@@ -93,25 +94,6 @@ def default_is_failure(response: Any) -> bool:
     if inner is not None or hasattr(response, "text"):
         return default_is_failure(inner)
     return False
-
-
-@dataclass
-class CacheStats:
-    """Cumulative counts of a proxy (``lm.cache_stats``)."""
-
-    calls: int = 0
-    requests: int = 0
-    hits: int = 0
-    misses: int = 0  # requests answered by the model (duplicates of one request count once)
-    written: int = 0  # responses made durable
-    failures: int = 0  # responses the failure rule kept out of the cache
-    bypassed: int = 0  # requests that could not be keyed and went to the model uncached
-    refused: int = 0  # misses refused with on_miss="error"
-    model_calls: int = 0
-    model_seconds: float = 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class CacheMissError(LookupError):
@@ -167,13 +149,17 @@ def cached(
     max_size: str | int | None = None,
     expire_after: str | float | datetime.timedelta | None = None,
     trust: bool = False,
+    shared: str | None = None,
+    memo: str | os.PathLike[str] | None = None,
 ) -> CachedModel:
     """Wrap ``model`` so that every response it has given once is answered from disk.
 
     Args:
         model: an lmms-eval or lm-eval model (anything with one of :data:`METHODS`).
-        path: the cache directory; default ``$LMMS_CACHE_DIR``, else the per-user cache
-            directory (``~/.cache/lmms-cache`` on Linux).
+        path: the cache: a directory (default ``$LMMS_CACHE_DIR``, else the per-user cache
+            directory, ``~/.cache/lmms-cache`` on Linux), its database file, or a server
+            (``redis://host:6379/0?prefix=team-a``, ``rediss://``, ``unix:///path.sock``;
+            the password from the URL or ``$LMMS_CACHE_REDIS_PASSWORD``).
         model_id: names *which model* it is, replacing what the identity derives from the
             class, its code, its checkpoint, tokenizer and endpoint. Its settings still
             count (a prompt sweep with a model_id misses as it should).
@@ -203,9 +189,18 @@ def cached(
             past it evicts the least recently used entries.
         expire_after: entries older than this (``"30d"``, ``"12h"``, seconds or a
             ``timedelta``) count as misses and are recomputed.
-        trust: use a cache file owned by another user. Values are pickles and loading one
-            runs code, so such a file is refused (with a warning, running uncached) unless
-            trusted.
+        trust: use a cache file owned by another user, and load every value with full
+            pickle. Values are pickles and loading one runs code, so such a file is refused
+            (with a warning, running uncached) unless trusted; without it, values this user
+            did not write in a local cache (or that a server holds) load only when signed
+            (``$LMMS_CACHE_SECRET``) or made of plain types.
+        shared: a second, shared tier behind ``path`` (a server URL, usually): hits missing
+            locally are read from it and copied locally; responses are written locally
+            first, then to it, and wait in a durable outbox in the local file while it
+            cannot be reached (see :mod:`lmms_cache.tiers`).
+        memo: where the memos (file digests, dataset row digests, derived media) live when
+            ``path`` is a server: a local cache directory (default: the default local
+            directory). They describe this machine's files, so they never go to a server.
 
     Returns:
         A proxy that behaves like ``model``: ``isinstance(proxy, type(model))`` holds,
@@ -235,6 +230,7 @@ def cached(
         path=path, model_id=model_id, settings=settings, batch_size=batch_size, mode=mode,
         is_failure=is_failure, sampling=sampling, progress=progress, durable=durable,
         lockstep=lockstep, on_miss=on_miss, max_size=max_size, expire_after=expire_after, trust=trust,
+        shared=shared, memo=memo,
     )  # fmt: skip
     return wrap(model, options)
 
@@ -258,7 +254,7 @@ def wrap(model: Any, options: Options) -> CachedModel:
 class Options:
     """The options of one proxy, checked once (:meth:`make`) before anything touches the disk."""
 
-    path: str | None = None
+    path: str | None = field(default=None, repr=False)  # (a URL may hold a password)
     model_id: str | None = None
     settings: tuple[str, ...] = ()
     batch_size: int = DEFAULT_BATCH_SIZE
@@ -273,6 +269,10 @@ class Options:
     expire_after: float | None = None  # seconds
     trust: bool = False
     identity: ModelIdentity | None = field(default=None, compare=False)  # fixed (lmms-cache eval)
+    shared: str | None = field(default=None, repr=False)
+    memo: str | None = None
+    clock: Clock | None = field(default=None, compare=False)  # the system's when None (tests move their own)
+    observers: tuple[Observer, ...] = field(default=(), compare=False)
 
     @classmethod
     def make(cls, *, path: str | os.PathLike[str] | None = None, model_id: str | None = None,
@@ -282,7 +282,9 @@ class Options:
              lockstep: bool | Callable[[int], int] = False, on_miss: str = "compute",
              max_size: str | int | None = None,
              expire_after: str | float | datetime.timedelta | None = None, trust: bool = False,
-             identity: ModelIdentity | None = None) -> Options:  # fmt: skip
+             identity: ModelIdentity | None = None, shared: str | None = None,
+             memo: str | os.PathLike[str] | None = None, clock: Clock | None = None,
+             observers: Sequence[Observer] = ()) -> Options:  # fmt: skip
         """Validated options.
 
         Raises:
@@ -312,14 +314,22 @@ class Options:
         if not (isinstance(lockstep, bool) or callable(lockstep)):
             raise TypeError(f"lockstep must be True, False or a callable, not {lockstep!r}")
         if path is not None and not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"path must be a directory path, not {path!r}")
+            raise TypeError(f"path must be a directory path or a server URL, not {path!r}")
+        if shared is not None and not isinstance(shared, (str, os.PathLike)):
+            raise TypeError("shared must be a server URL or a directory path")
+        if memo is not None and (not isinstance(memo, (str, os.PathLike)) or is_url(memo)):
+            raise ValueError("memo must be a local directory (the memos never go to a server)")
+        if clock is not None and not (callable(getattr(clock, "time", None)) and
+                                      callable(getattr(clock, "monotonic", None))):  # fmt: skip
+            raise TypeError("clock must have time() and monotonic()")
         return cls(
             path=os.fspath(path) if path is not None else None, model_id=model_id,
             settings=tuple(settings), batch_size=batch_size, mode=mode, is_failure=is_failure,
             sampling=sampling, progress=progress, durable=bool(durable), lockstep=lockstep,
             on_miss=on_miss, max_size=parse_size(max_size) if max_size is not None else None,
             expire_after=parse_duration(expire_after) if expire_after is not None else None,
-            trust=bool(trust), identity=identity,
+            trust=bool(trust), identity=identity, shared=os.fspath(shared) if shared is not None else None,
+            memo=os.fspath(memo) if memo is not None else None, clock=clock, observers=tuple(observers),
         )  # fmt: skip
 
 
@@ -377,7 +387,7 @@ class CachedModel(wrapt.ObjectProxy):  # type: ignore[type-arg]
         self._self_cache = cache = _Cache(model, options, state)
         if cache.mode not in ("off", "readonly"):
             # Hit counts gathered since the last flush are written when the proxy goes away.
-            weakref.finalize(self, _flush_touched, cache.store, cache.touched)
+            weakref.finalize(self, cache.hits.flush)
 
     # -- public, proxy-owned surface ------------------------------------------------------
 
@@ -402,7 +412,8 @@ class CachedModel(wrapt.ObjectProxy):  # type: ignore[type-arg]
 
     @property
     def cache_store(self) -> Store:
-        """The store behind the proxy (a :class:`NullStore` when the cache is unusable)."""
+        """The store of the local tier (a :class:`NullStore` when the cache is unusable or
+        off). To manage a cache, open it yourself: ``lmms_cache.store.open_store(location)``."""
         return self._self_cache.store
 
     def cache_explain(self, method: str, requests: Sequence[Any]) -> list[str]:
@@ -416,7 +427,8 @@ class CachedModel(wrapt.ObjectProxy):  # type: ignore[type-arg]
         return self._self_cache.explain(method, requests)
 
     def cache_close(self) -> None:
-        """Retry unsaved entries once more and release the store's connection."""
+        """Retry unsaved entries once more (and send what waits for a shared tier, for a few
+        seconds at most), record the last hits and release the stores' connections."""
         self._self_cache.close()
 
     def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
@@ -433,59 +445,117 @@ class CachedModel(wrapt.ObjectProxy):  # type: ignore[type-arg]
 
     def __repr__(self) -> str:
         cache = self._self_cache
-        return f"<lmms_cache {cache.mode} proxy of {self.__wrapped__!r} at {cache.location}>"
+        return f"<lmms_cache {cache.mode} proxy of {self.__wrapped__!r} at {redact(cache.location)}>"
 
 
 class _Cache:
-    """The cache behind one proxy: its options, key builder, store and counters, and the
-    handling of each call (:meth:`run`)."""
+    """The cache behind one proxy: its options, wired to the stores (:class:`Tiers`), the
+    key builder, the call engine (:class:`Engine`) and the observers; the model identity
+    checked at every call."""
 
     def __init__(self, model: Any, options: Options, state: Any) -> None:
         self.model = model
         self.options = options
         self.mode = options.mode
         self.batch_size = options.batch_size
-        self.is_failure = options.is_failure or default_is_failure
-        self.progress = options.progress
-        self.lockstep = options.lockstep
-        self.on_miss = options.on_miss
-        self.max_size = options.max_size
-        self.max_age = options.expire_after
-        # Hits are recorded (counts, last use) in batches, not with a write per call.
-        self.touched: dict[bytes, int] = {}
-        self.touched_at = time.monotonic()
+        self.clock: Clock = options.clock or SystemClock()
         self.stats = CacheStats()
-        self.warned: set[str] = set()
-        self.pending: list[Entry] = []
+        self.warnings = Warnings()
+        self.location = _location(options.path if options.path is not None else default_location())
+        writable = self.mode not in ("readonly", "off")
+        self.tiers = self.open_tiers()
+        self.memos = self.open_memos()
         self.new_files: list[tuple[str, tuple[int, ...], bytes]] = []
         self.remembered: set[str] = set()  # model identities recorded in the store
-        self.origin = trust.local_origin()  # who writes this proxy's entries
-        location = options.path if options.path is not None else default_location()
-        self.location = os.path.abspath(os.path.expanduser(location))
-        self.store = self.open(options.durable)
         files = self.files = FileDigests(lookup=self.file_lookup, remember=self.file_remember)
+        self.tiers.deps_hold = lambda deps: deps_hold(deps, files)
         self.tracker = Tracker(model, model_id=options.model_id, settings=options.settings, files=files,
                                fixed=options.identity)  # fmt: skip
         if state is not None:
             self.tracker.adopt(*state)
         identity = self.tracker.identity
-        log.info("lmms-cache: %s at %s, model %s (identity %s)", self.mode, self.location, identity.label,
+        log.info("lmms-cache: %s at %s%s, model %s (identity %s)", self.mode, redact(self.location),
+                 f" (shared: {self.tiers.target})" if self.tiers.shared is not None else "", identity.label,
                  identity.digest[:12])  # fmt: skip
         log.debug("lmms-cache: model identity %s = %s", identity.digest, identity.json())
-        derivations = Derivations(self.store, files, writable=self.mode not in ("readonly", "off"))
+        derivations = Derivations(self.memos, files, writable=writable)
         self.keys = KeyBuilder(identity, model, Encoder(files), sampling=options.sampling, warn=self.warn,
                                derivations=derivations)  # fmt: skip
+        self.hits = HitLog(self.tiers, self.clock, options.observers, enabled=writable)
+        self.explainer = Explainer(self.tiers, self.keys, lambda: self.tracker.identity, self.clock,
+                                   options.expire_after)  # fmt: skip
+        self.engine = Engine(
+            model, self.keys, self.tiers, self.hits, identity=identity, warnings=self.warnings, clock=self.clock,
+            stats=self.stats, batch_size=options.batch_size, is_failure=options.is_failure or default_is_failure,
+            lockstep=options.lockstep, progress=options.progress, on_miss=options.on_miss,
+            max_age=options.expire_after, refresh=self.mode == "refresh", settle=self.tracker.settle,
+            observers=(self.explainer, *options.observers), error=CacheMissError,
+        )  # fmt: skip
         self.remember_model(identity)
+
+    # -- opening ----------------------------------------------------------------------------
+
+    def open_tiers(self) -> Tiers:
+        o = self.options
+        writable = self.mode not in ("readonly", "off")
+        clock = self.clock
+        if self.mode == "off":
+            local = Guarded(NullStore(self.location, "mode off"), self.warnings, writable=False)
+            return Tiers(local, origin=trust.local_origin(), wall=clock.time, monotonic=clock.monotonic)
+        local = Guarded(self.open(self.location, "the cache"), self.warnings, writable=writable,
+                        batch_size=o.batch_size, max_size=o.max_size, max_pending=_MAX_PENDING)  # fmt: skip
+        shared = None
+        if o.shared is not None:
+            shared = Guarded(self.open(_location(o.shared), "the shared cache", slot="shared"), self.warnings,
+                             slot="shared", what="the shared cache", writable=writable,
+                             batch_size=o.batch_size, max_pending=_MAX_PENDING)  # fmt: skip
+        return Tiers(local, shared, origin=trust.local_origin(), trust=o.trust, copy=writable, wall=clock.time,
+                     monotonic=clock.monotonic)  # fmt: skip
+
+    def open(self, location: str, what: str, slot: str = "store") -> Store:
+        """The store at ``location``, or a null store (with a warning) where there is none."""
+        try:
+            return open_store(location, readonly=self.mode == "readonly", durable=self.options.durable,
+                              trust=self.options.trust, lazy=True)  # fmt: skip
+        except StoreError as exc:
+            tail = ("The model's responses are returned as usual but not saved." if slot == "store" else
+                    "Running with the local cache alone.")  # fmt: skip
+            self.warnings.warn(slot, f"lmms-cache: {what} is unusable ({exc}); running without it. {tail}")
+            return NullStore(redact(location), str(exc))
+
+    def open_memos(self) -> Memos | None:
+        """The local SQLite file of the memos: the local tier's, or for a server alone the
+        ``memo`` directory (default: the local default cache directory)."""
+        if self.mode == "off":
+            return None
+        local = self.tiers.local.store
+        if isinstance(local, SQLiteStore):
+            return local
+        if isinstance(local, NullStore):
+            return None
+        where = self.options.memo if self.options.memo is not None else default_location()
+        try:
+            return open_memos(where, readonly=self.mode == "readonly", durable=self.options.durable)
+        except StoreError as exc:
+            log.info("lmms-cache: the memos (file digests, derived media) stay in memory: %s", exc)
+            return None
+
+    @property
+    def store(self) -> Store:
+        """The local tier's store (a null store when the cache is unusable or off)."""
+        return self.tiers.local.store
 
     @property
     def identity(self) -> ModelIdentity:
         return self.tracker.identity
 
+    # -- the model identity -------------------------------------------------------------------
+
     def remember_model(self, identity: ModelIdentity) -> None:
         if self.mode in ("off", "readonly") or identity.digest in self.remembered:
             return
         self.remembered.add(identity.digest)
-        self.guard(lambda: self.store.remember_model(identity.digest, identity.json()), "recording the model")
+        self.tiers.remember_model(identity.digest, identity.json())
 
     def check_identity(self) -> None:
         """Once per call, before keying: has the user changed the model since the last call?"""
@@ -495,54 +565,10 @@ class _Cache:
             log.info("lmms-cache: the model changed since the last call (%s); its requests are now keyed "
                      "under identity %s", "; ".join(changes), identity.digest[:12])  # fmt: skip
             self.keys.set_identity(identity)
+            self.engine.identity = identity
             self.remember_model(identity)
 
-    def explain(self, method: str, requests: Sequence[Any]) -> list[str]:
-        """See :meth:`CachedModel.cache_explain`."""
-        requests = list(requests)
-        self.check_identity()
-        keys = self.keys.keys(method, requests, count=False)
-        wanted = [rk.key for rk in keys if rk.key is not None]
-        fresh = None if self.max_age is None else time.time() - self.max_age
-        stored = self.guard(lambda: self.store.get_many(wanted, created_after=fresh), "reading the cache", {})
-        out = []
-        for rk in keys:
-            if rk.key is None:
-                out.append(f"uncacheable: {rk.bypass_reason}")
-            elif rk.key in stored:
-                out.append("hit")
-            else:
-                out.append("miss: " + self.why(method, rk, describe(rk)))
-        return out
-
-    def why(self, method: str, rk: RequestKey, described: tuple[str, str | None]) -> str:
-        """What differs between a missed request (``describe(rk)``) and the nearest stored entry."""
-        description, prompt = described
-        rv = rk.view
-        candidates = self.guard(lambda: self.store.similar(
-            method, task=None if rv is None or rv.task is None else str(rv.task),
-            doc_id=None if rv is None or rv.doc_id is None else str(rv.doc_id), prompt=prompt,
-        ), "reading the cache", [])  # fmt: skip
-        return explain_against(description, candidates, self.model_change)
-
-    def model_change(self, digest: str) -> list[str] | None:
-        """What differs between the stored model identity ``digest`` and the model now."""
-        descriptions = self.guard(self.store.models, "reading the cache", {})
-        old = descriptions.get(digest)
-        if old is None:
-            return None
-        try:
-            return identity_differences(json.loads(old), self.identity.description) or None
-        except ValueError:
-            return None
-
-    def close(self) -> None:
-        self.flush()
-        if self.pending:
-            log.info("lmms-cache: %d responses could not be written to %s", len(self.pending), self.store.location)
-        self.store.close()
-
-    # -- one call ---------------------------------------------------------------------------
+    # -- calls ------------------------------------------------------------------------------
 
     def run(
         self, method: str, requests: Sequence[Any], args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -554,10 +580,10 @@ class _Cache:
         self.check_identity()
         if not requests:
             try:
-                if self.lockstep:
+                if self.options.lockstep:
                     # The other ranks agree on a count and may call the model: join the
                     # agreement (a collective) and step with them, with nothing to ask.
-                    for _ in range(self.padding(0)):
+                    for _ in range(self.engine.padding(0)):
                         model_method(requests, *args, **kwargs)
                     return []
                 return model_method(requests, *args, **kwargs)  # type: ignore[no-any-return]
@@ -568,73 +594,10 @@ class _Cache:
         stats.requests += len(requests)
         if self.tracker.weights_changed:
             return self.run_modified(method, model_method, requests, args, kwargs)
-        results: list[Any] = [None] * len(requests)
-        todo: dict[bytes, list[int]] = {}
-        jobs: list[tuple[int, bytes | None]] = []  # (first request index, key) to compute
-        missed: dict[int, RequestKey] = {}  # the keys of the requests to compute
-        call = self.keys.new_call()  # what the call's keys share (document and media digests)
-        hits = bypassed = 0
-        with _GcPaused():
-            # Keyed and looked up a chunk at a time: a hit's key (with its ~prompt-sized
-            # material) is dropped as soon as it is answered, so a call of 10,000 hits holds
-            # no more than a chunk of keys at once.
-            for start in range(0, len(requests), _KEY_CHUNK):
-                keys = self.keys.keys(method, requests[start : start + _KEY_CHUNK], call=call)
-                found = self.lookup(keys) if self.mode != "refresh" else {}
-                for i, rk in enumerate(keys, start):
-                    key = rk.key
-                    if key is None:
-                        jobs.append((i, None))
-                        missed[i] = rk
-                        bypassed += 1
-                    elif key in found:
-                        results[i] = found[key]
-                        hits += 1
-                    elif key in todo:
-                        todo[key].append(i)
-                    else:
-                        todo[key] = [i]
-                        jobs.append((i, key))
-                        missed[i] = rk
-                self.record_hits(keys, found)
-                del keys, found
-            stats.hits += hits
-            stats.bypassed += bypassed
-        self.keys.end_call()  # the media digests derived for keying, memoized
-        if jobs and self.on_miss == "error":
-            stats.refused += len(jobs)
-            raise CacheMissError(method, [missed[i] for i, _ in jobs], [requests[i] for i, _ in jobs])
-        # Described now, before the model can change gen_kwargs in place.
-        memo: dict[bytes, Any] = {}
-        described = {key: describe(missed[i], memo) for i, key in jobs if key is not None}
-        if described and log.isEnabledFor(logging.DEBUG):
-            for i, key in jobs:
-                if key is not None:
-                    log.debug(
-                        "lmms-cache %s miss %s: %s",
-                        method,
-                        key.hex()[:12],
-                        self.why(method, missed[i], described[key]),
-                    )
         try:
-            written, failures, model_seconds = self.compute(
-                method, model_method, requests, missed, jobs, todo, results, args, kwargs, described
-            )
+            return self.engine.run(method, model_method, requests, args, kwargs)
         finally:
-            if jobs:
-                self.tracker.settle()  # what the model changed in itself is not a new identity
-        self.flush_files()
-        log.info(
-            "lmms-cache %s: %d requests, %d hits, %d misses, %d written, %d not cached, %.2fs in the model",
-            method,
-            len(requests),
-            hits,
-            len(jobs),
-            written,
-            failures,
-            model_seconds,
-        )
-        return results
+            self.flush_files()
 
     def run_modified(self, method: str, model_method: Callable[..., Any], requests: list[Any],
                      args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:  # fmt: skip
@@ -657,302 +620,64 @@ class _Cache:
         self.stats.model_seconds += time.perf_counter() - started
         return results
 
-    def compute(self, method: str, model_method: Callable[..., Any], requests: list[Any],
-                      keys: dict[int, RequestKey], jobs: list[tuple[int, bytes | None]],
-                      todo: dict[bytes, list[int]], results: list[Any], args: tuple[Any, ...],
-                      kwargs: dict[str, Any], described: dict[bytes, tuple[str, str | None]],
-                      ) -> tuple[int, int, float]:  # fmt: skip
-        size = self.batch_size
-        batches = [jobs[s : s + size] for s in range(0, len(jobs), size)]
-        padding = self.padding(len(batches))
-        stats = self.stats
-        written = failures = 0
-        model_seconds = 0.0
-        bar = self.bar(method, len(jobs))
-        try:
-            for batch in batches:
-                # A multi-round request's step function, recording what its rounds read.
-                recordings: dict[int, Recording] = {}
-                asked = [self.for_model(requests[i], keys[i], recordings, i) for i, _ in batch]
-                started = time.perf_counter()
-                responses = model_method(asked, *args, **kwargs)
-                elapsed = time.perf_counter() - started
-                model_seconds += elapsed
-                stats.model_calls += 1
-                stats.model_seconds += elapsed
-                stats.misses += len(batch)
-                responses = list(responses)
-                if len(responses) != len(batch):
-                    raise RuntimeError(
-                        f"{type(self.model).__name__}.{method} returned {len(responses)} "
-                        f"responses for {len(batch)} requests"
-                    )
-                entries = []
-                now = time.time()
-                signing = trust.secret()
-                for (i, key), response in zip(batch, responses, strict=True):
-                    if key is None:
-                        results[i] = response
-                        continue
-                    for j in todo[key]:
-                        results[j] = response
-                    if self.is_failure(response):
-                        failures += 1
-                        continue
-                    recording = recordings.get(i)
-                    if recording is not None and not recording.complete:
-                        continue  # a later round's media could not be read: nothing to check on a hit
-                    deps = encode_deps(recording.read) if recording is not None else None
-                    entry = self.entry(method, key, keys[i], response, now, elapsed / len(batch),
-                                       described[key], deps, signing)  # fmt: skip
-                    if entry is not None:
-                        entries.append(entry)
-                written += self.save(entries)
-                if bar is not None:
-                    bar.update(len(batch))
-            for _ in range(padding):
-                # Discarded: only the number of model calls matters to a lock-stepped model.
-                model_method([requests[0]], *args, **kwargs)
-        finally:
-            if bar is not None:
-                bar.close()
-        stats.failures += failures
-        return written, failures, model_seconds
+    def explain(self, method: str, requests: Sequence[Any]) -> list[str]:
+        """See :meth:`CachedModel.cache_explain`."""
+        self.check_identity()
+        return self.explainer.explain(method, requests)
 
-    def for_model(self, request: Any, rk: RequestKey, recordings: dict[int, Recording], i: int) -> Any:
-        """``request``, or for a multi-round one a copy whose step function records what the
-        model's later rounds read (their media are not known before the model asks)."""
-        rview = rk.view
-        if rview is None or rview.step is None or rk.key is None:
-            return request
-        args = list(getattr(request, "args", request))
-        recording = recordings[i] = Recording(args[rview.step], self.keys.encoder)
-        args[rview.step] = recording
-        if isinstance(request, tuple):
-            return tuple(args)
-        copied = copy.copy(request)
-        if hasattr(copied, "arguments"):  # lmms-eval's Instance: .args reads .arguments
-            copied.arguments = tuple(args)
-        else:
-            copied.args = tuple(args)
-        return copied
-
-    def entry(self, method: str, key: bytes, rk: RequestKey, response: Any, now: float,
-              seconds: float, described: tuple[str, str | None], deps: bytes | None = None,
-              signing: bytes | None = None) -> Entry | None:  # fmt: skip
-        try:
-            value = codec.encode(response)
-        except Exception as exc:  # anything dill cannot serialize stays uncached
-            self.warn(
-                "encode",
-                f"lmms-cache: a {method} response of type "
-                f"{type(response).__name__} cannot be stored ({exc}); it stays uncached",
-            )
-            return None
-        rv = rk.view
-        return Entry(key=key, value=value, model=self.identity.digest, method=method,
-                     task=None if rv is None or rv.task is None else str(rv.task),
-                     split=None if rv is None or rv.split is None else str(rv.split),
-                     doc_id=None if rv is None else rv.doc_id, created_at=now, model_seconds=seconds,
-                     raw_size=codec.raw_size(value), used_at=now,
-                     components=described[0], prompt=described[1], key_schema=_KEY_SCHEMA,
-                     deps=deps, origin=self.origin,
-                     signature=trust.sign_with(signing, key, value))  # fmt: skip
-
-    # -- the store, guarded -----------------------------------------------------------------
-
-    def open(self, durable: bool) -> Store:
-        if self.mode == "off":
-            return NullStore(self.location, "mode off")
-        try:
-            store = open_store(self.location, readonly=self.mode == "readonly", durable=durable,
-                               trust=self.options.trust)  # fmt: skip
-        except StoreError as exc:
-            self.warn(
-                "store",
-                f"lmms-cache: the cache is unusable ({exc}); running uncached. "
-                "The model's responses are returned as usual but not saved.",
-            )
-            return NullStore(self.location, str(exc))
-        if store.degraded is not None:
-            self.warn("store", f"lmms-cache: {store.degraded}. Hits are served; new responses are kept in "
-                               f"memory (up to {_MAX_PENDING:,}) and written if it becomes writable.")  # fmt: skip
-        return store
-
-    def guard(self, action: Callable[[], Any], what: str, default: Any = None) -> Any:
-        try:
-            return action()
-        except StoreError as exc:
-            self.warn("store", f"lmms-cache: {what} failed: {exc}. Continuing uncached for this step.")
-            return default
-
-    def lookup(self, keys: list[RequestKey]) -> dict[bytes, Any]:
-        wanted = list({rk.key for rk in keys if rk.key is not None})
-        fresh = None if self.max_age is None else time.time() - self.max_age
-        blobs = self.guard(lambda: self.store.get_many(wanted, created_after=fresh),
-                                 "reading the cache", {})  # fmt: skip
-        found = {}
-        origin, trusted = self.origin, self.options.trust
-        for key, stored in blobs.items():
-            value = stored.value
-            if stored.deps is not None and not deps_hold(stored.deps, self.files):
-                continue  # a file a later round read has changed since: a miss
-            try:
-                # Full pickle only for what this user wrote here, or what the team signed;
-                # anything else loads restricted (plain values and known response types).
-                found[key] = codec.decode(value, trusted=trusted or stored.origin == origin or (
-                    stored.signature is not None and trust.signature_valid(key, value, stored.signature)))
-            except codec.UntrustedValueError as exc:
-                self.warn(
-                    "untrusted",
-                    f"lmms-cache: a stored value in {self.store.location} needs {exc.needed} to load, and "
-                    "was not written by you on this machine nor signed ($LMMS_CACHE_SECRET); it is "
-                    "recomputed and overwritten. Pass trust=True to load such values from a cache you trust.",
-                )
-            except codec.CodecError as exc:
-                self.warn(
-                    "decode",
-                    f"lmms-cache: a stored value in {self.store.location} "
-                    f"cannot be read ({exc}); it is recomputed and overwritten",
-                )
-        return found
-
-    def save(self, entries: list[Entry]) -> int:
-        if self.mode == "readonly" or isinstance(self.store, NullStore):
-            return 0
-        pending = self.pending
-        backlog = bool(pending)
-        pending.extend(entries)  # kept before writing: an interrupt meanwhile loses nothing
-        done = 0
-        try:  # in batches: a backlog bigger than the space freed still drains, part by part
-            while done < len(pending):
-                batch = pending[done : done + self.batch_size]
-                self.store.put_many(batch)
-                done += len(batch)
-        except StoreError as exc:
-            self.warn("store", f"lmms-cache: cannot write to the cache: {exc}. Responses are returned as "
-                               "usual; unsaved ones are kept in memory and retried with the next batch.")  # fmt: skip
-        finally:
-            del pending[:done]
-            self.stats.written += done
-        if len(pending) > _MAX_PENDING:
-            dropped = len(pending) - _MAX_PENDING
-            del pending[:dropped]
-            self.warn("dropped", f"lmms-cache: more than {_MAX_PENDING:,} responses could not be written to "
-                                 f"{self.store.location}; the oldest unsaved ones were dropped (a rerun "
-                                 "computes them again).")  # fmt: skip
-        if done and backlog and not pending:
-            log.info("lmms-cache: the cache at %s is written again; the unsaved responses are saved",
-                     self.store.location)  # fmt: skip
-            self.warned.discard("store")  # a new outage gets its own warning
-        if done and self.max_size is not None:
-            limit = self.max_size
-            self.guard(lambda: self.store.evict(limit), "evicting old entries")
-        return done
-
-    def flush(self) -> None:
-        self.save([])
+    def close(self) -> None:
+        self.stats.written += self.tiers.local.save([])
         self.flush_files()
-        self.flush_touched()
+        self.hits.flush()
+        self.tiers.close()
+        if self.memos is not None and self.memos is not cast(Any, self.store):
+            self.memos.close()
+
+    # -- what benchmarks and older callers reach for --------------------------------------------
 
     def record_hits(self, keys: list[RequestKey], found: dict[bytes, Any]) -> None:
-        if self.mode == "readonly" or not found:
-            return
-        touched = self.touched
-        for rk in keys:
-            if rk.key in found:
-                touched[rk.key] = touched.get(rk.key, 0) + 1
-        if len(touched) >= _TOUCH_MAX or time.monotonic() - self.touched_at >= _TOUCH_EVERY:
-            self.flush_touched()
+        self.hits.record(keys, found)
 
-    def flush_touched(self) -> None:
-        self.touched_at = time.monotonic()
-        self.guard(lambda: _flush_touched(self.store, self.touched), "recording hits")
+    def entry(self, *args: Any, **kwargs: Any) -> Entry | None:
+        return self.engine.entry(*args, **kwargs)
+
+    @property
+    def pending(self) -> list[Entry]:
+        """Responses the local tier has not written yet (kept for a retry)."""
+        return self.tiers.local.pending
+
+    # -- the memos --------------------------------------------------------------------------
+
+    def memo_call(self, what: str, action: Callable[[Memos], Any], default: Any, kind: str = "read") -> Any:
+        memos = self.memos
+        if memos is None:
+            return default
+        if memos is cast(Any, self.tiers.local.store):  # the cache's own file: its trouble is the cache's
+            found = self.tiers.local.call(what, lambda: action(memos), kind=kind)
+            return default if found is None else found
+        try:
+            return action(memos)
+        except StoreError as exc:
+            log.debug("lmms-cache: %s failed: %s", what, exc)
+            return default
 
     def file_lookup(self, path: str, signature: tuple[int, ...]) -> bytes | None:
-        return self.guard(  # type: ignore[no-any-return]
-            lambda: self.store.file_digest(path, signature), "reading a file digest"
-        )
+        return self.memo_call("reading a file digest", lambda m: m.file_digest(path, signature), None)  # type: ignore[no-any-return]
 
     def file_remember(self, path: str, signature: tuple[int, ...], digest: bytes) -> None:
         self.new_files.append((path, signature, digest))
 
     def flush_files(self) -> None:
-        if self.new_files and self.mode != "readonly":
+        if self.new_files and self.mode not in ("readonly", "off"):
             rows, self.new_files = self.new_files, []
-            self.guard(lambda: self.store.remember_files(rows), "remembering file digests")
-
-    # -- helpers ----------------------------------------------------------------------------
+            self.memo_call("remembering file digests", lambda m: m.remember_files(rows), None, kind="write")
 
     def warn(self, kind: str, message: str) -> None:
-        # The store's trouble (unusable, read-only, failing, a value damaged on disk) is one
-        # warning until the store recovers (save re-arms it); what follows is logged at INFO.
-        slot = "store" if kind == "decode" else kind
-        if slot not in self.warned:
-            self.warned.add(slot)
-            log.warning(message)
-        elif slot == "store":
-            log.info(message)
-
-    def padding(self, local_batches: int) -> int:
-        lockstep = self.lockstep
-        if not lockstep:
-            return 0
-        agree = lockstep if callable(lockstep) else _torch_distributed_max
-        return max(0, int(agree(local_batches)) - local_batches)
-
-    def bar(self, method: str, total: int) -> Any:
-        show = self.progress
-        if show is None:
-            show = sys.stderr.isatty()
-        if not show or total == 0:
-            return None
-        from tqdm import tqdm
-
-        return tqdm(total=total, desc=f"lmms-cache {method} misses", unit="req", leave=False)
+        # The store's trouble is one warning until the store recovers; other kinds once.
+        self.warnings.warn(kind, message, again=kind == "store")
 
 
-class _GcPaused:
-    """No cyclic garbage collection while keying and answering a call.
-
-    Keying allocates a few small containers per request and keeps them for the call: with
-    10,000 requests the collector would run hundreds of times over objects that all survive
-    (a quarter of a text hit's cost here, more in an evaluator's large heap). The objects
-    hold no cycles; collection resumes, as it was, when the call's hits are answered.
-    (A class rather than a contextmanager generator: it is entered once per call.)
-    """
-
-    __slots__ = ("enabled",)
-
-    def __enter__(self) -> None:
-        self.enabled = gc.isenabled()
-        if self.enabled:
-            gc.disable()
-
-    def __exit__(self, *exc: object) -> None:
-        if self.enabled:
-            gc.enable()
-
-
-def _flush_touched(store: Store, touched: dict[bytes, int]) -> None:
-    """Write the hit counts gathered since the last flush (also at exit, by a finalizer)."""
-    if touched:
-        counts = dict(touched)
-        touched.clear()
-        store.touch(counts, time.time())
-
-
-def _torch_distributed_max(local: int) -> int:
-    """The largest ``local`` over all ranks (torch.distributed), or ``local`` when single."""
-    torch = sys.modules.get("torch")
-    if torch is None:
-        return local
-    dist = torch.distributed
-    if not dist.is_available() or not dist.is_initialized():
-        return local
-    device = "cpu"
-    if dist.get_backend() == "nccl":
-        device = f"cuda:{torch.cuda.current_device()}"
-    t = torch.tensor([local], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+def _location(path: str | os.PathLike[str]) -> str:
+    """A location as the proxy names it: a URL as given, a path absolute."""
+    text = os.fspath(path)
+    return text if is_url(text) else os.path.abspath(os.path.expanduser(text))

@@ -1,4 +1,15 @@
-"""The small interface every backend implements, and the null store."""
+"""The store interfaces, and the null store.
+
+Three users, three interfaces:
+
+* :class:`Backend`: what a response backend must implement for the proxy (get many, put
+  many, touch, evict, close);
+* :class:`Catalogue`: what management needs (whole entries, scan, stats, summary, delete,
+  similar entries, the models);
+* :class:`Memos`: file digests and derived media, always in the local SQLite file.
+
+A :class:`Store` is a backend with its catalogue (SQLite, Redis, :class:`NullStore`).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +18,9 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, SupportsIndex
+from typing import Any, NamedTuple, Protocol, SupportsIndex
 
-__all__ = ["LEGACY_KEY_SCHEMA", "Entry", "NullStore", "Store", "StoreError", "Stored", "Where", "doc_id_forms",
+__all__ = ["LEGACY_KEY_SCHEMA", "Backend", "Catalogue", "Entry", "Memos", "NullStore", "Store", "StoreError", "Stored", "Where", "doc_id_forms",
            "storable_doc_id"]
 
 # The key format of every entry written before store schema 2, and of an entry whose writer
@@ -134,10 +145,12 @@ class Where:
         )
 
 
-class Store(ABC):
-    """Key-value storage of encoded responses.
+class Backend(ABC):
+    """What a response backend implements: the proxy's whole use of it on the hot path.
 
-    Keys are 16-byte digests. Every method may raise :class:`StoreError`.
+    Keys are 16-byte digests. Every method may raise :class:`StoreError`; the proxy never
+    calls a backend directly but through :class:`lmms_cache.guard.Guarded`, which turns
+    those errors into misses (or unsaved responses) and one warning per outage.
     """
 
     location: str = ""
@@ -146,6 +159,14 @@ class Store(ABC):
     # location), None when it writes: its writes raise StoreError, and it tries writing
     # again by itself from time to time.
     degraded: str | None = None
+    # Whether an entry's ``origin`` column proves who wrote it. True only for a file in a
+    # directory that is the user's alone (SQLite): nobody else can have written a row there.
+    # A server is written by everyone who can reach it, and any of them can claim any origin,
+    # so its values load with full pickle only when signed (or with ``trust``).
+    origins_proven: bool = False
+    # Set by whoever reports this store's failures itself (the proxy's fault wrapper): the
+    # store then logs an outage at INFO instead of warning, so that an outage is one warning.
+    quiet: bool = False
 
     @abstractmethod
     def get_many(self, keys: Sequence[bytes], *, created_after: float | None = None) -> dict[bytes, Stored]:
@@ -164,32 +185,42 @@ class Store(ABC):
         """Record hits (count per key) at time ``when``: hit counts and LRU order."""
 
     @abstractmethod
-    def get(self, key: bytes) -> Entry | None:
-        """One whole entry, value and metadata."""
-
-    @abstractmethod
     def evict(self, max_bytes: int) -> tuple[int, int]:
         """Remove least recently used entries until the values total at most ``max_bytes``;
         returns (entries, bytes) removed."""
+
+    def close(self) -> None:
+        """Release connections; the store reopens on next use."""
+
+
+class Catalogue(ABC):
+    """What management needs of a store: whole entries, filters, totals, the models."""
+
+    @abstractmethod
+    def entries(self, keys: Sequence[bytes], *, values: bool = True) -> list[Entry]:
+        """The whole entries of those ``keys`` that are present, in the order given (one
+        round trip per chunk); ``values=False`` leaves ``value`` empty."""
+
+    def get(self, key: bytes) -> Entry | None:
+        """One whole entry, value and metadata."""
+        found = self.entries([key])
+        return found[0] if found else None
+
+    @abstractmethod
+    def scan(self, where: Where | None = None, *, values: bool = True, limit: int | None = None,
+             recent_first: bool = False) -> Iterator[Entry]:  # fmt: skip
+        """The entries ``where`` matches (all by default), oldest first or most recently
+        used first; ``values=False`` leaves ``value`` empty (metadata only, cheaper)."""
+
+    @abstractmethod
+    def stats(self) -> dict[str, Any]:
+        """Counts and sizes: at least ``location``, ``entries`` and ``bytes``; a file's
+        ``file_bytes`` (on disk), a server's ``server_bytes`` (its whole memory)."""
 
     @abstractmethod
     def summary(self) -> dict[str, Any]:
         """Totals and the same by model and by task (entries, bytes, hits, model time saved),
         and ``by_schema``: ``[{key_schema, entries, bytes}]``."""
-
-    @abstractmethod
-    def models(self) -> dict[str, str]:
-        """Model identity digest -> its description (JSON without secrets)."""
-
-    @abstractmethod
-    def similar(self, method: str, *, task: str | None, doc_id: int | str | None, prompt: str | None,
-                limit: int = 50) -> list[Entry]:  # fmt: skip
-        """Entries (metadata only) of ``method`` for the same document (``doc_id`` matched as
-        :class:`Where` matches it) or the same prompt digest, most recently used first: the
-        candidates to explain a miss against."""
-
-    def compact(self) -> None:
-        """Give the space of deleted entries back to the file system."""
 
     @abstractmethod
     def delete(self, keys: Sequence[bytes]) -> int:
@@ -200,31 +231,46 @@ class Store(ABC):
         """Remove every entry ``where`` matches; returns how many."""
 
     @abstractmethod
-    def scan(self, where: Where | None = None, *, values: bool = True, limit: int | None = None,
-             recent_first: bool = False) -> Iterator[Entry]:  # fmt: skip
-        """The entries ``where`` matches (all by default), oldest first or most recently
-        used first; ``values=False`` leaves ``value`` empty (metadata only, cheaper)."""
+    def similar(self, method: str, *, task: str | None, doc_id: int | str | None, prompt: str | None,
+                limit: int = 50) -> list[Entry]:  # fmt: skip
+        """Entries (metadata only) of ``method`` for the same document (``doc_id`` matched as
+        :class:`Where` matches it) or the same prompt digest, most recently used first: the
+        candidates to explain a miss against."""
 
     @abstractmethod
-    def stats(self) -> dict[str, Any]:
-        """Counts and sizes: at least ``entries`` and ``bytes``."""
-
-    def file_digest(self, path: str, signature: tuple[int, ...]) -> bytes | None:
-        """A remembered content digest of a file with this stat signature."""
-        return None
-
-    def remember_files(self, rows: Sequence[tuple[str, tuple[int, ...], bytes]]) -> None:
-        """Remember file content digests (path, stat signature, digest)."""
+    def models(self) -> dict[str, str]:
+        """Model identity digest -> its description (JSON without secrets)."""
 
     def remember_model(self, digest: str, description: str) -> None:
         """Record what a model identity digest stands for (a JSON text without secrets)."""
 
-    # Memos: derived digests that let a hit skip decoding media. Best effort, like file
-    # digests: a store without them remembers nothing, and a read-only one keeps nothing new.
+    def compact(self) -> None:
+        """Give the space of deleted entries back (a file to the file system)."""
+
+
+class Store(Backend, Catalogue):
+    """A whole store: a response backend with its catalogue (SQLite, Redis, the null store).
+
+    Open one with :func:`lmms_cache.store.open_store`.
+    """
+
+
+class Memos(Protocol):
+    """The local memos: derived digests that let a hit skip reading and decoding media.
+
+    Always in a local SQLite file (:class:`~lmms_cache.store.sqlite.SQLiteStore`), never on
+    a server: file digests are keyed by stat signatures (inode, device), which mean
+    something on one machine only. Best effort: a memo that fails is a memo that misses.
+    """
+
+    def file_digest(self, path: str, signature: tuple[int, ...]) -> bytes | None:
+        """A remembered content digest of a file with this stat signature."""
+
+    def remember_files(self, rows: Sequence[tuple[str, tuple[int, ...], bytes]]) -> None:
+        """Remember file content digests (path, stat signature, digest)."""
 
     def row_digests(self, dataset: str, split: str) -> bytes | None:
         """A dataset fingerprint's row digests: ``count`` concatenated 16-byte digests."""
-        return None
 
     def remember_row_digests(self, dataset: str, split: str, digests: bytes) -> None:
         """Remember (replace) a dataset split's row digests, a multiple of 16 bytes."""
@@ -232,17 +278,15 @@ class Store(ABC):
     def derived_many(self, function: bytes, rows: Sequence[bytes]) -> dict[bytes, tuple[bytes, bytes | None]]:
         """Row digest -> (media digest, deps) remembered for a function fingerprint, for
         those ``rows`` that have one."""
-        return {}
 
     def remember_derived(self, items: Sequence[tuple[bytes, bytes, bytes, bytes | None]]) -> None:
         """Remember (replace) ``(function, row, digest, deps)`` items."""
 
     def forget_derived(self, function: bytes) -> int:
         """Forget everything remembered for one function fingerprint; returns how many rows."""
-        return 0
 
     def close(self) -> None:
-        """Release connections; the store reopens on next use."""
+        """Release the file."""
 
 
 class NullStore(Store):
@@ -261,8 +305,8 @@ class NullStore(Store):
     def touch(self, hits: Mapping[bytes, int], when: float) -> None:
         return None
 
-    def get(self, key: bytes) -> Entry | None:
-        return None
+    def entries(self, keys: Sequence[bytes], *, values: bool = True) -> list[Entry]:
+        return []
 
     def evict(self, max_bytes: int) -> tuple[int, int]:
         return (0, 0)

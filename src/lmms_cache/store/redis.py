@@ -56,8 +56,11 @@ time in the value's header on the client.
 **A server that goes away never stops the evaluation.** Connecting gives up after
 ``connect_timeout`` (1.5 s), a reply after ``socket_timeout`` (3 s); a broken connection is
 retried once, a timeout never; then every call fails at once with :class:`StoreError` for
-``breaker_seconds`` (30 s) before the server is tried again. The proxy turns those errors
-into misses: the model answers.
+``breaker_seconds`` (30 s) before the server is tried again (the URL's ``connect_timeout``,
+``timeout`` and ``breaker`` set them). The proxy opens the store ``lazy``: nothing is
+contacted until the first call, so a run started while the server is down finds it once
+it is back. The proxy turns the errors into misses (the model answers) and says so once
+per outage; the store, made ``quiet``, then logs its own account at INFO.
 
 Hit counts are at least once (a ``touch`` replayed after a lost reply counts twice); entry
 and byte totals are exact. Management operations over many entries (``delete``,
@@ -87,7 +90,7 @@ from .base import LEGACY_KEY_SCHEMA, Entry, Store, Stored, StoreError, Where, do
 if TYPE_CHECKING:
     import redis as _redis
 
-__all__ = ["PASSWORD_ENV", "RedisStore", "RedisTarget", "parse_url"]
+__all__ = ["PASSWORD_ENV", "RedisStore", "RedisTarget", "parse_url", "redact"]
 
 log = logging.getLogger("lmms_cache")
 
@@ -414,6 +417,8 @@ class RedisTarget:
     username: str | None
     password: str | None = field(repr=False)
     tls: dict[str, str] = field(default_factory=dict)
+    # timeout, connect_timeout, breaker (seconds) given in the URL: not part of the location
+    timeouts: dict[str, float] = field(default_factory=dict)
 
     @property
     def location(self) -> str:
@@ -432,6 +437,7 @@ class RedisTarget:
 
 
 _TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
+_TIMEOUT_OPTIONS = ("timeout", "connect_timeout", "breaker")
 
 
 def parse_url(url: str, *, environ: Mapping[str, str] | None = None) -> RedisTarget:
@@ -441,6 +447,9 @@ def parse_url(url: str, *, environ: Mapping[str, str] | None = None) -> RedisTar
 
     The password is the URL's, else ``$LMMS_CACHE_REDIS_PASSWORD``. ``prefix`` (default
     ``default``) names the cache on the server: letters, digits, ``.``, ``_``, ``-``.
+    ``timeout`` (a reply, default 3 s), ``connect_timeout`` (1.5 s) and ``breaker`` (how
+    long a failed server is skipped, 30 s) tune the fault handling; they are not part of
+    the location.
 
     Example:
         >>> t = parse_url("redis://:s3cret@cache.lan/2?prefix=team-a", environ={})
@@ -468,6 +477,16 @@ def parse_url(url: str, *, environ: Mapping[str, str] | None = None) -> RedisTar
     if not _PREFIX_RE.fullmatch(prefix):
         raise StoreError(f"{_redact(url)}: prefix {prefix!r} must be 1-64 letters, digits, '.', '_' or '-'")
     tls = {name: query.pop(name) for name in _TLS_OPTIONS if name in query}
+    timeouts: dict[str, float] = {}
+    for name in _TIMEOUT_OPTIONS:
+        if name in query:
+            text = query.pop(name)
+            try:
+                timeouts[name] = float(text)
+            except ValueError:
+                timeouts[name] = -1.0
+            if not (0 < timeouts[name] < 86400):
+                raise StoreError(f"{_redact(url)}: {name} must be a number of seconds, not {text!r}")
     if tls and scheme != "rediss":
         raise StoreError(f"{_redact(url)}: {', '.join(tls)} need rediss:// (TLS)")
     if tls.get("ssl_cert_reqs", "required") not in ("none", "optional", "required"):
@@ -475,7 +494,7 @@ def parse_url(url: str, *, environ: Mapping[str, str] | None = None) -> RedisTar
     db_text = query.pop("db", None) if scheme == "unix" else None
     if query:
         raise StoreError(f"{_redact(url)}: unknown option(s) {', '.join(sorted(query))} "
-                         f"(known: prefix{', db' if scheme == 'unix' else ''}"
+                         f"(known: prefix, {', '.join(_TIMEOUT_OPTIONS)}{', db' if scheme == 'unix' else ''}"
                          f"{', ' + ', '.join(_TLS_OPTIONS) if scheme == 'rediss' else ''})")  # fmt: skip
     username = urllib.parse.unquote(parts.username) if parts.username else None
     password = urllib.parse.unquote(parts.password) if parts.password else None
@@ -486,12 +505,12 @@ def parse_url(url: str, *, environ: Mapping[str, str] | None = None) -> RedisTar
         if not path:
             raise StoreError(f"{_redact(url)}: no socket path (unix:///path/to/redis.sock)")
         db = _int(db_text or "0", url, "db")
-        return RedisTarget("unix", None, None, path, db, prefix, username, password)
+        return RedisTarget("unix", None, None, path, db, prefix, username, password, timeouts=timeouts)
     if not parts.hostname:
         raise StoreError(f"{_redact(url)}: no host")
     db_path = parts.path.strip("/")
     db = _int(db_path or "0", url, "db")
-    return RedisTarget(scheme, parts.hostname, port or 6379, None, db, prefix, username, password, tls)
+    return RedisTarget(scheme, parts.hostname, port or 6379, None, db, prefix, username, password, tls, timeouts)
 
 
 def _int(text: str, url: str, what: str) -> int:
@@ -500,9 +519,12 @@ def _int(text: str, url: str, what: str) -> int:
     return int(text)
 
 
-def _redact(url: str) -> str:
+def redact(url: str) -> str:
     """``url`` without its password, for messages (also of URLs that do not parse)."""
     return re.sub(r"(//[^/@]*?:)[^/@]*@", r"\1***@", url)
+
+
+_redact = redact
 
 
 # -- entries <-> Redis ---------------------------------------------------------------------------
@@ -671,16 +693,21 @@ class RedisStore(Store):
         clock: monotonic seconds for the breaker (tests pass their own).
         functions: use Redis functions (True), ``EVALSHA`` (False), or whichever the
             server supports (None).
+        lazy: do not connect now: the first call connects and checks the server (what the
+            proxy does, so that a run started while the server is down finds it once it
+            is back). The URL's ``timeout``, ``connect_timeout`` and ``breaker`` replace
+            the arguments'.
 
     Raises:
-        StoreError: the URL is not usable, the ``redis`` package is missing, the server
-            cannot be reached, or it holds a cache of a newer layout under this prefix.
+        StoreError: the URL is not usable, the ``redis`` package is missing, or (unless
+            ``lazy``) the server cannot be reached or holds a cache of a newer layout
+            under this prefix.
     """
 
     def __init__(
         self, url: str, *, readonly: bool = False, trust: bool = False, durable: bool = True,
         connect_timeout: float = 1.5, socket_timeout: float = 3.0, breaker_seconds: float = 30.0,
-        clock: Callable[[], float] = time.monotonic, functions: bool | None = None,
+        clock: Callable[[], float] = time.monotonic, functions: bool | None = None, lazy: bool = False,
     ) -> None:  # fmt: skip
         self._url = url
         self._target = parse_url(url)
@@ -688,14 +715,17 @@ class RedisStore(Store):
         self.readonly = readonly
         self._trust = trust
         self._durable = durable
-        self._connect_timeout = connect_timeout
-        self._socket_timeout = socket_timeout
-        self._breaker = _Breaker(breaker_seconds, clock)
+        self._lazy = lazy
+        given = self._target.timeouts
+        self._connect_timeout = given.get("connect_timeout", connect_timeout)
+        self._socket_timeout = given.get("timeout", socket_timeout)
+        self._breaker = _Breaker(given.get("breaker", breaker_seconds), clock)
         self._want_functions = functions
         self._functions: bool | None = None  # decided at the first write
         self._scripts: dict[str, Any] = {}
         self._warned: set[str] = set()
-        self._checked = False
+        self._checked = False  # the server's settings (once per store)
+        self._ready = False  # the layout under the prefix checked (at the first call that reaches the server)
         self._lock = threading.RLock()
         self._client_obj: _redis.Redis | None = None
         self._p = self._target.key_prefix
@@ -705,7 +735,8 @@ class RedisStore(Store):
         except ImportError as exc:
             raise StoreError(f"{self.location} needs the redis package: pip install 'lmms-cache[redis]' "
                              f"({exc})") from None  # fmt: skip
-        self._call("connecting", self._check_server)
+        if not lazy:
+            self._call("connecting", lambda client: None)
 
     def __repr__(self) -> str:
         return f"RedisStore({self.location!r}{', readonly=True' if self.readonly else ''})"
@@ -746,7 +777,11 @@ class RedisStore(Store):
         attempts = 2 if retry else 1
         for attempt in range(attempts):
             try:
-                result = action(self._client())
+                client = self._client()
+                if not self._ready:
+                    self._check_server(client)
+                    self._ready = True
+                result = action(client)
             except rex.TimeoutError as exc:
                 self._trip(what, f"no reply within {self._socket_timeout:g} s: {exc}", exc)
             except (rex.AuthenticationError, rex.AuthorizationError) as exc:
@@ -774,7 +809,7 @@ class RedisStore(Store):
         window = self._breaker.seconds
         message = (f"lmms-cache: the Redis server at {self.location} failed ({cause}); it is skipped for "
                    f"{window:g} s at a time and the evaluation goes on with the model's responses")  # fmt: skip
-        if first:
+        if first and not self.quiet:
             log.warning(message)
         else:
             log.info(message)
@@ -985,7 +1020,7 @@ class RedisStore(Store):
         self._run("recording hits", "touch", args)
 
     def get(self, key: bytes) -> Entry | None:
-        found = self._entries([key], values=True)
+        found = self.entries([key], values=True)
         return found[0] if found else None
 
     def delete(self, keys: Sequence[bytes]) -> int:
@@ -1018,7 +1053,7 @@ class RedisStore(Store):
             return
         left = limit
         for keys in self._ordered_keys(where, recent_first):
-            for e in self._entries(keys, values=values):
+            for e in self.entries(keys, values=values):
                 if where.matches(e):
                     yield e
                     if left is not None:
@@ -1048,7 +1083,7 @@ class RedisStore(Store):
         keys = list(dict.fromkeys(_unpack_keys(packed)))
         stored_forms = set(forms)
         out = [
-            e for e in self._entries(keys, values=False)
+            e for e in self.entries(keys, values=False)
             if e.method == method and ((e.task == task and storable_doc_id(e.doc_id) in stored_forms)
                                        or (prompt is not None and e.prompt == prompt))
         ]  # fmt: skip
@@ -1140,14 +1175,15 @@ class RedisStore(Store):
         # The URL may hold the password: a pickled store goes to this run's own workers.
         return {"url": self._url, "readonly": self.readonly, "trust": self._trust, "durable": self._durable,
                 "connect_timeout": self._connect_timeout, "socket_timeout": self._socket_timeout,
-                "breaker_seconds": self._breaker.seconds, "functions": self._want_functions}  # fmt: skip
+                "breaker_seconds": self._breaker.seconds, "functions": self._want_functions,
+                "lazy": self._lazy}  # fmt: skip
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state.pop("url"), **state)  # type: ignore[misc]
 
     # -- reading entries ----------------------------------------------------------------------
 
-    def _entries(self, keys: Sequence[bytes], *, values: bool) -> list[Entry]:
+    def entries(self, keys: Sequence[bytes], *, values: bool = True) -> list[Entry]:
         """The entries of ``keys`` that exist, in that order (one round trip)."""
         if not keys:
             return []

@@ -155,7 +155,15 @@ _UPGRADE_FROM_1 = (
     _ROW_DIGESTS,
     _DERIVED,
 )
-_V1_DOC_ID = "doc_id TEXT,"  # how schema 1 declared it (the one occurrence in its entries table)
+_V1_DOC_ID = "doc_id TEXT,"
+# Two tiers: keys written here that the shared store (``target``, its location without a
+# password) has not acknowledged. Created on first use, in the transaction that first queues.
+_OUTBOX = """CREATE TABLE IF NOT EXISTS outbox (
+        target TEXT NOT NULL,
+        key BLOB NOT NULL,
+        queued_at REAL NOT NULL,
+        PRIMARY KEY (target, key)
+    ) WITHOUT ROWID"""  # how schema 1 declared it (the one occurrence in its entries table)
 
 
 class _Columns(NamedTuple):
@@ -215,7 +223,8 @@ def network_filesystem(path: str, mounts: str | None = None) -> str | None:
 
 
 class SQLiteStore(Store):
-    """Responses in ``<directory>/cache.db``.
+    """Responses in ``<directory>/cache.db``, with the local memos (:class:`~.base.Memos`)
+    and the outbox of two tiers.
 
     Args:
         directory: created (0700) when missing; the database file is created 0600.
@@ -237,6 +246,7 @@ class SQLiteStore(Store):
         self.path = os.path.join(self.directory, filename)
         self.location = self.path
         self.readonly = readonly
+        self.origins_proven = True  # the directory is the user's alone (see _check_location)
         self._filename = filename
         self._trust = trust
         self._durable = durable
@@ -729,8 +739,14 @@ class SQLiteStore(Store):
                     found[row[0]] = new(Stored, row[1:])
         return found
 
-    def put_many(self, entries: Sequence[Entry], *, replace: bool = True) -> int:
+    def put_many(self, entries: Sequence[Entry], *, replace: bool = True, outbox: str | None = None,
+                 sent: Sequence[bytes] = ()) -> int:  # fmt: skip
+        """See :meth:`Store.put_many`. Two tiers also keep their outbox here, in the same
+        transaction: ``outbox`` queues the entries' keys for the shared store of that
+        location, and ``sent`` takes keys the shared store has acknowledged off its queue."""
         if not entries:
+            if sent and outbox is not None:
+                self.dequeue(outbox, sent)
             return 0
         now = time.time()
         rows = [
@@ -756,7 +772,70 @@ class SQLiteStore(Store):
                 f"INSERT INTO entries ({_COLUMNS}, size) VALUES ({marks}) ON CONFLICT (key) {conflict}",
                 rows,
             )
+            if outbox is not None:
+                self._queue(conn, outbox, [e.key for e in entries], now, sent)
             return len(rows) if replace else int(conn.execute(count).fetchone()[0] - before)
+
+    # -- the outbox of two tiers: keys written here that the shared store has not received --
+
+    def _queue(self, conn: sqlite3.Connection, target: str, keys: Sequence[bytes], now: float,
+               sent: Sequence[bytes]) -> None:  # fmt: skip
+        conn.execute(_OUTBOX)  # (created on first use: files without one stay readable by older versions)
+        if sent:
+            self._unqueue(conn, target, sent)
+            done = set(sent)  # (the shared store has these already)
+            keys = [k for k in keys if k not in done]
+        conn.executemany("INSERT OR REPLACE INTO outbox (target, key, queued_at) VALUES (?, ?, ?)",
+                         [(target, k, now) for k in keys])  # fmt: skip
+
+    def _unqueue(self, conn: sqlite3.Connection, target: str, keys: Sequence[bytes]) -> int:
+        removed = 0
+        for start in range(0, len(keys), _LOOKUP_CHUNK):
+            chunk = keys[start : start + _LOOKUP_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            removed += conn.execute(f"DELETE FROM outbox WHERE target = ? AND key IN ({marks})",
+                                    (target, *chunk)).rowcount  # fmt: skip
+        return removed
+
+    def _has_outbox(self, conn: sqlite3.Connection) -> bool:
+        return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'outbox'").fetchone() is not None
+
+    def dequeue(self, target: str, keys: Sequence[bytes]) -> int:
+        """Take ``keys`` off the outbox of ``target``; returns how many were queued."""
+        if not keys or self.readonly:
+            return 0
+        with self._transaction("updating the outbox") as conn:
+            return self._unqueue(conn, target, keys) if self._has_outbox(conn) else 0
+
+    def queued(self, target: str, limit: int | None = None) -> list[bytes]:
+        """The keys queued for ``target``, oldest first (at most ``limit``)."""
+        with self._lock, self._errors("reading the outbox"):
+            conn = self._conn()
+            if not self._has_outbox(conn):
+                return []
+            rows = conn.execute("SELECT key FROM outbox WHERE target = ? ORDER BY queued_at, key LIMIT ?",
+                                (target, -1 if limit is None else limit)).fetchall()  # fmt: skip
+        return [row[0] for row in rows]
+
+    def outboxes(self) -> dict[str, int]:
+        """Shared store location -> how many keys wait for it."""
+        with self._lock, self._errors("reading the outbox"):
+            conn = self._conn()
+            if not self._has_outbox(conn):
+                return {}
+            return dict(conn.execute("SELECT target, count(*) FROM outbox GROUP BY target ORDER BY target"))
+
+    def entries(self, keys: Sequence[bytes], *, values: bool = True) -> list[Entry]:
+        found: dict[bytes, Entry] = {}
+        with self._lock, self._errors("reading"):
+            conn = self._conn()
+            columns = self._cols.entry if values else self._cols.meta
+            for start in range(0, len(keys), _LOOKUP_CHUNK):
+                chunk = keys[start : start + _LOOKUP_CHUNK]
+                marks = ",".join("?" * len(chunk))
+                for row in conn.execute(f"SELECT {columns} FROM entries WHERE key IN ({marks})", chunk):
+                    found[row[0]] = Entry(*row)
+        return [found[k] for k in keys if k in found]
 
     def touch(self, hits: Mapping[bytes, int], when: float) -> None:
         if not hits or self.readonly:
