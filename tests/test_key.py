@@ -525,3 +525,90 @@ def test_consecutive_settings_that_are_equal_in_python_but_not_in_type_never_sha
     assert first.key != second.key
     alone = builder(model_with_docs()).keys("generate_until", [gen_request(0, gen_kwargs=b)])[0]
     assert second.key == alone.key
+
+
+def _text_task_visual() -> Any:
+    """The bound doc_to_visual of a real lmms-eval text-only task (no __init__: no dataset)."""
+    task_module = pytest.importorskip("lmms_eval.api.task")
+    from types import SimpleNamespace
+
+    t = task_module.ConfigurableTask.__new__(task_module.ConfigurableTask)
+    t._config = SimpleNamespace(doc_to_visual=None)
+    t.features = ["image"]
+    t.lmms_eval_specific_kwargs = None
+    return t.doc_to_visual
+
+
+def _broken_visual(doc: dict) -> list:
+    raise KeyError("image_2")
+
+
+def _random_visual(doc: dict) -> list:
+    random.random()
+    return [doc["image"]]
+
+
+def _mixed_requests(text_visual: Any) -> list[tuple[str, Any]]:
+    greedy = {"max_new_tokens": 16, "temperature": 0, "until": ["\n\n"]}
+    odd_meta = gen_request(1, context="q", gen_kwargs=dict(greedy), doc_to_visual=None)
+    odd_meta.metadata = ("t", 1, 1)  # lm-eval's metadata shape
+    odd_idx = gen_request(2)
+    odd_idx.idx = "0"
+    return [
+        ("generate_until", gen_request(0, doc_to_visual=text_visual)),
+        ("generate_until", gen_request(1, doc_to_visual=text_visual, gen_kwargs=dict(greedy))),
+        ("generate_until", gen_request(1, doc_to_visual=text_visual, gen_kwargs={**greedy, "until": "\n\n"})),
+        ("generate_until", gen_request(0, doc_to_visual=None, context="\ud800 surrogate")),
+        ("generate_until", gen_request(2)),  # reads the document: its image is keyed by content
+        ("generate_until", gen_request(2)),  # the same address again: memoized for the call
+        ("generate_until", gen_request(3, gen_kwargs={"do_sample": True, "temperature": 0.7})),
+        ("generate_until", gen_request(3, gen_kwargs={"do_sample": True, "temperature": 0.7})),  # 2nd sample
+        ("generate_until", gen_request(0, repeats=3, doc_to_visual=text_visual)),
+        ("generate_until", gen_request(0, gen_kwargs={"max_new_tokens": 4, "stop": [1, True]})),
+        ("generate_until", gen_request(1, task="other", split="val")),  # no such document
+        ("generate_until", odd_meta),
+        ("generate_until", odd_idx),
+        ("generate_until", chat_request(1)),
+        ("generate_until", gen_request(1, doc_to_visual=_broken_visual)),  # bypasses the cache
+        ("generate_until", gen_request(2, doc_to_visual=_random_visual)),  # bypasses the cache
+        ("loglikelihood", ll_request(0, " A")),
+        ("loglikelihood", ll_request(0, " B")),
+        ("loglikelihood", instance("loglikelihood", ("q0", " A", text_visual, 0, "t", "test"))),
+        ("loglikelihood", instance("loglikelihood", ("q0", " A", None, 0, "t", "test"), repeats=2)),
+        ("loglikelihood", instance("loglikelihood", ("q0", target, visuals, 0, "t", "test"))),
+    ]
+
+
+def test_keys_without_views_are_the_keys_with_views():
+    """The proxy keys lmms-eval's common layouts without building their views (a hit needs
+    none): the bytes, their components and the sampled occurrences must be the very same."""
+    requests = _mixed_requests(_text_task_visual())
+    for method in ("generate_until", "loglikelihood"):
+        batch = [r for m, r in requests if m == method]
+        lean_kb, full_kb = builder(model_with_docs()), builder(model_with_docs())
+        for _ in range(2):  # the second call: sampled requests are their next occurrences
+            call = lean_kb.new_call()
+            lean = lean_kb.keys(method, batch[:5], call=call, views=False)
+            lean += lean_kb.keys(method, batch[5:], call=call, views=False)  # one call, keyed in chunks
+            lean_kb.end_call()
+            full = full_kb.keys(method, batch)
+            assert [rk.key for rk in lean] == [rk.key for rk in full]
+            assert len({rk.key for rk in full}) >= len(batch) - 3
+            assert [rk.bypass_reason for rk in lean] == [rk.bypass_reason for rk in full]
+            assert sum(rk.key is None for rk in full) == (2 if method == "generate_until" else 0)
+            for rk, want, request in zip(lean, full, batch, strict=True):
+                assert bytes(rk.material) == bytes(want.material)
+                assert rk.ends == want.ends
+                assert rk.occurrence == want.occurrence
+                completed = lean_kb.with_view(method, request, rk)
+                assert completed.view is not None
+                assert completed.components() == want.components()
+
+
+def test_keys_without_views_follow_a_document_edited_between_calls():
+    model = model_with_docs()
+    kb = builder(model)
+    before = kb.keys("generate_until", [gen_request(1, doc_to_visual=None)], views=False)[0].key
+    model.task_dict["t"]["test"][1]["question"] = "edited"
+    after = kb.keys("generate_until", [gen_request(1, doc_to_visual=None)], views=False)[0].key
+    assert before != after

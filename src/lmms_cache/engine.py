@@ -212,18 +212,19 @@ class Engine:
         shared = self.keys.new_call()  # what the call's keys share (document and media digests)
         hits = bypassed = 0
         stats = self.stats
+        with_view = self.keys.with_view  # keyed without views (a hit needs none): a miss gets its own
         with _GcPaused():
             # Keyed and looked up a chunk at a time: a hit's key (with its ~prompt-sized
             # material) is dropped as soon as it is answered, so a call of 10,000 hits holds
             # no more than a chunk of keys at once.
             for start in range(0, len(requests), KEY_CHUNK):
-                keys = self.keys.keys(method, requests[start : start + KEY_CHUNK], call=shared)
+                keys = self.keys.keys(method, requests[start : start + KEY_CHUNK], call=shared, views=False)
                 found = self.lookup(keys) if not self.refresh else {}
                 for i, rk in enumerate(keys, start):
                     key = rk.key
                     if key is None:
                         jobs.append((i, None))
-                        missed[i] = rk
+                        missed[i] = with_view(method, requests[i], rk)
                         bypassed += 1
                     elif key in found:
                         results[i] = found[key]
@@ -233,7 +234,7 @@ class Engine:
                     else:
                         todo[key] = [i]
                         jobs.append((i, key))
-                        missed[i] = rk
+                        missed[i] = with_view(method, requests[i], rk)
                 self.hits.record(keys, found)
                 del keys, found
             stats.hits += hits

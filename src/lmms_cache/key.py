@@ -123,7 +123,8 @@ class Call:
         self.collections: dict[tuple[Any, Any], tuple[Any, Any]] = {}  # (task, split) -> (collection, rows)
         # the previous request's plain settings and their (bytes, sampled): the next request's
         # are usually an equal copy (held for the call: nothing mutates them while keying)
-        self.last_settings: tuple[dict[str, Any], tuple[bytes, bool]] | None = None
+        # (see _last_settings)
+        self.last_settings: tuple[Any, ...] | None = None
 
 
 class KeyBuilder:
@@ -177,37 +178,89 @@ class KeyBuilder:
             self._warn_to(kind, message)
 
     def keys(self, method: str, requests: Sequence[Any], *, count: bool = True,
-             call: Call | None = None) -> list[RequestKey]:  # fmt: skip
+             call: Call | None = None, views: bool = True) -> list[RequestKey]:  # fmt: skip
         """One key per request, in order; the same object listed k times is k occurrences.
 
         ``count=False`` computes the keys the next call would get without using up sampled
         occurrences (for explaining). ``call`` shares the work of the parts of one call
-        keyed separately (:meth:`new_call`).
+        keyed separately (:meth:`new_call`). ``views=False`` lets the common lmms-eval
+        layouts skip building their :class:`RequestView` (``view`` is then None): a hit never
+        needs it, and :meth:`with_view` adds it to a miss.
         """
         own = call is None
         if call is None:
             call = self.new_call()
-        out = []
+        out: list[Any] = []
         occurrences = self._occurrences if count else dict(self._occurrences)
         prefix = self._prefix + method.encode() + b"\0"
-        try:
-            views = [view(method, request) for request in requests]
-        except TypeError as exc:
-            raise TypeError(f"{method}: {exc}") from None
-        self._prefetch(views, call)
-        base = self._base
-        for rview in views:
-            rk = base(prefix, method, rview, call)
+        lean = _FAST.get(method) if not views else None
+        slow: list[int] = []
+        if lean is not None:
+            pending = []
+            for i, request in enumerate(requests):
+                rk = _fast(self, prefix, request, call, lean)
+                if rk is None:
+                    slow.append(i)
+                elif type(rk) is _Pending:
+                    pending.append(i)
+                out.append(rk)
+            if pending:
+                self._finish_pending(pending, out, slow, call)
+                slow.sort()
+        else:
+            slow = list(range(len(requests)))
+            out = [None] * len(requests)
+        if slow:
+            try:
+                rviews = [view(method, requests[i]) for i in slow]
+            except TypeError as exc:
+                raise TypeError(f"{method}: {exc}") from None
+            self._prefetch(rviews, call)
+            base = self._base
+            for i, rview in zip(slow, rviews, strict=True):
+                out[i] = base(prefix, method, rview, call)
+        for i, rk in enumerate(out):
             key = rk.key
             if rk.occurrence is not None and key is not None:
                 # Sampled: the k-th identical request over the proxy's lifetime is its own entry.
                 k = occurrences.get(key, 0)
                 occurrences[key] = k + 1
-                rk = rk._replace(key=digest_bytes(key + b"#%d" % k), occurrence=k)
-            out.append(rk)
+                out[i] = rk._replace(key=digest_bytes(key + b"#%d" % k), occurrence=k)
         if own:
             self.end_call()
         return out
+
+    def _finish_pending(self, pending: list[int], out: list[Any], slow: list[int], call: Call) -> None:
+        """Resolve the visuals of lean keys that need their documents (their derivation memo
+        loaded in one round trip per function, as :meth:`_prefetch` does)."""
+        wanted: dict[bytes, list[bytes]] = {}
+        resolved = call.resolved
+        seen = set()
+        for i in pending:
+            p = out[i]
+            p.cid = cid = _callable_id(p.fn)
+            at = (cid, p.address)
+            if at not in resolved and at not in seen:
+                seen.add(at)
+                task, split, doc_id = p.address
+                self._want(p.fn, cid, task, split, doc_id, wanted, call)
+        for fp, rows in wanted.items():
+            self._derived.prefetch(fp, rows)
+        for i in pending:
+            p = out[i]
+            try:
+                visual = resolved.get((p.cid, p.address)) or self._resolved_at(p.fn, p.address, call, p.cid)
+            except Exception:  # the general path meets it again and says what it is
+                visual = None
+            if visual is None:
+                out[i] = None
+                slow.append(i)
+            else:
+                out[i] = _finish(self, p.material, p.ends, visual, p.address, p.idx, p.sampled, call)
+
+    def with_view(self, method: str, request: Any, rk: RequestKey) -> RequestKey:
+        """``rk`` with the request's view (for a miss keyed with ``views=False``)."""
+        return rk if rk.view is not None else rk._replace(view=view(method, request))
 
     def _base(self, prefix: bytes, method: str, rview: RequestView, call: Call) -> RequestKey:
         """The request's key before sampling: ``occurrence`` is 0 for a sampled request (the
@@ -287,13 +340,22 @@ class KeyBuilder:
         call (found by their ``repr``, which for these builtin types differs whenever their
         canonical bytes do); with whether they ask for a sample."""
         last = call.last_settings
-        if last is not None and gen_kwargs == last[0] and _same_types(gen_kwargs, last[0]):
-            return last[1]  # the previous request's settings, deep-copied: equal values, equal types
+        # The previous request's settings, deep-copied: equal values; the same types too? (True
+        # == 1, the key tells them apart.) Scalars are compared by their types at once, lists
+        # of scalars element by element.
+        if (
+            last is not None
+            and gen_kwargs == last[0]
+            and tuple(map(type, gen_kwargs.values())) == last[2]
+            and (last[3] or _same_types(gen_kwargs, last[0]))
+        ):
+            same: tuple[bytes, bool] = last[1]
+            return same
         text = _plain_repr(gen_kwargs)
         if text is not None:
             found = _SETTINGS.get(text)
             if found is not None:
-                call.last_settings = (gen_kwargs, found)
+                call.last_settings = _last_settings(gen_kwargs, found)
                 return found
         out = bytearray()
         self._encoder.put(out, _normalized(gen_kwargs), False)
@@ -302,7 +364,7 @@ class KeyBuilder:
             if len(_SETTINGS) >= 4096:
                 _SETTINGS.clear()
             _SETTINGS[text] = found
-            call.last_settings = (gen_kwargs, found)
+            call.last_settings = _last_settings(gen_kwargs, found)
         return found
 
     # -- documents ------------------------------------------------------------------------------
@@ -316,7 +378,10 @@ class KeyBuilder:
             if found is None:
                 found = call.documents[key] = (self._encoder.digest(doc, media=False), None)
             return found
-        task, split, doc_id = rview.task, rview.split, rview.doc_id
+        return self._document_at(rview.task, rview.split, rview.doc_id, call)
+
+    def _document_at(self, task: Any, split: Any, doc_id: Any, call: Call) -> tuple[bytes | None, bytes | None]:
+        """The document at an address, as :meth:`_document` gives it."""
         if task is None or doc_id is None:
             return None, None
         address = (task, split, doc_id)
@@ -370,17 +435,20 @@ class KeyBuilder:
                 needs = free.get(cid)
                 if needs is None:
                     needs = free[cid] = document_free_result(value) is NEEDS_DOCUMENT
-                if not needs or rview.doc is not NO_DOCUMENT or rview.doc_id is None:
-                    continue
-                row = self._document(rview, call)[1]
-                if row is None:
-                    continue
-                fp = self._derived.fingerprint(value, cid)
-                if fp is not None:
-                    wanted.setdefault(fp, []).append(row)
+                if needs and rview.doc is NO_DOCUMENT and rview.doc_id is not None:
+                    self._want(value, cid, rview.task, rview.split, rview.doc_id, wanted, call)
             rview.callables = cids
         for fp, rows in wanted.items():
             self._derived.prefetch(fp, rows)
+
+    def _want(self, fn: Any, cid: Any, task: Any, split: Any, doc_id: Any, wanted: dict[bytes, list[bytes]],
+              call: Call) -> None:  # fmt: skip
+        """Note the memo row ``fn`` needs for the document at this address (see _prefetch)."""
+        row = self._document_at(task, split, doc_id, call)[1]
+        if row is not None:
+            fp = self._derived.fingerprint(fn, cid)
+            if fp is not None:
+                wanted.setdefault(fp, []).append(row)
 
     def _resolved(self, fn: Any, rview: RequestView, call: Call, cid: Any = None) -> bytes | None:
         if cid is None:
@@ -399,11 +467,17 @@ class KeyBuilder:
         address = rview.address
         if address is None:
             return None
+        return self._resolved_at(fn, address, call, cid, rview.doc is not NO_DOCUMENT)
+
+    def _resolved_at(self, fn: Any, address: tuple[Any, Any, Any], call: Call, cid: Any, has_doc: bool = False) -> bytes | None:
+        """What ``fn`` needing the document at ``address`` gives there, by the call's memo, the
+        derivation memo or by calling it (``has_doc``: the request carries its document)."""
+        memo = call.resolved
         memo_key = (cid, address)
         found = memo.get(memo_key)
         if found is not None:
             return found
-        row = self._document(rview, call)[1]
+        row = None if has_doc else self._document_at(*address, call)[1]
         fp = self._derived.fingerprint(fn, cid) if row is not None else None
         if fp is not None and row is not None:
             check = self._derived.needs_check(fp)
@@ -412,7 +486,7 @@ class KeyBuilder:
                 if found is not None:
                     memo[memo_key] = found
                     return found
-            derived = self._derive(fn, rview, address)
+            derived = self._derive(fn, address)
             if derived is None:
                 return None
             digest, deps = derived
@@ -422,14 +496,14 @@ class KeyBuilder:
                     self._derived.mismatch(fp)
             self._derived.remember(fp, row, digest, deps)
         else:
-            derived = self._derive(fn, rview, address)
+            derived = self._derive(fn, address)
             if derived is None:
                 return None
             digest = derived[0]
         memo[memo_key] = digest
         return digest
 
-    def _derive(self, fn: Any, rview: RequestView, address: tuple[Any, Any, Any]) -> tuple[bytes, bytes | None] | None:
+    def _derive(self, fn: Any, address: tuple[Any, Any, Any]) -> tuple[bytes, bytes | None] | None:
         """(digest of what ``fn`` gives for the document, the files it read), by calling it."""
         name = getattr(fn, "__qualname__", "a request callable")
         try:
@@ -496,6 +570,13 @@ def _plain_repr(d: dict[str, Any]) -> str | None:
     return repr(d)
 
 
+def _last_settings(d: dict[str, Any], found: tuple[bytes, bool]) -> tuple[Any, ...]:
+    """What :meth:`KeyBuilder._settings` compares the next request's settings with: the
+    dict, its (bytes, sampled), its values' types, and whether those are all scalars."""
+    types = tuple(map(type, d.values()))
+    return (d, found, types, all(t in _SCALARS for t in types))
+
+
 def _same_types(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """For two equal dicts of plain values: whether each value has the same type too (``==``
     takes ``True`` for ``1``; the key does not). Nested containers other than lists of
@@ -547,3 +628,129 @@ def _callable_id(fn: Any) -> Any:
     if isinstance(fn, MethodType):
         return (id(fn.__self__), id(fn.__func__))
     return id(fn)
+
+
+# -- the common lmms-eval layouts without a RequestView ------------------------------------------
+#
+# A hit needs only the key. For lmms-eval's two commonest request layouts, (context, gen_kwargs,
+# doc_to_visual, doc_id, task, split) and (context, continuation, doc_to_visual, doc_id, task,
+# split) with plain types, these write the very bytes KeyBuilder._base writes, part for part
+# (tests/test_key.py checks they agree), without building the view and its parts. Anything
+# else, or anything they do not find memoized for the call (a callable that reads the document
+# before its memo is loaded), returns None and takes the general path.
+
+
+_PENDING = object()  # (_visual) a callable that reads the document, not yet known for it
+
+
+def _visual(kb: KeyBuilder, fn: Any, address: tuple[str, str, int], call: Call) -> Any:
+    """What ``_resolved`` gives for ``fn`` at ``address`` when the call already knows it or
+    ``fn``'s result needs no document; ``_PENDING`` when it needs the document; None for the
+    general path."""
+    if fn is None:
+        return b"N"
+    if type(fn) is MethodType:
+        cid: Any = (id(fn.__self__), id(fn.__func__))
+    elif callable(fn):
+        cid = id(fn)
+    else:
+        return None
+    memo = call.resolved
+    found = memo.get(cid)
+    if found is None:
+        found = memo.get((cid, address))
+        if found is None:
+            if call.free.get(cid) is True:
+                return _PENDING
+            free = document_free_result(fn)
+            if free is NEEDS_DOCUMENT:
+                call.free[cid] = True
+                return _PENDING
+            found = memo[cid] = kb._encoder.digest(free, media=True)
+    return found
+
+
+class _Pending:
+    """A lean key waiting for its visual part: the material up to it, and what follows it."""
+
+    __slots__ = ("address", "cid", "ends", "fn", "idx", "material", "sampled")
+
+    def __init__(self, material: bytearray, ends: list[int], fn: Any, address: tuple[str, str, int], idx: int,
+                 sampled: bool) -> None:  # fmt: skip
+        self.material = material
+        self.ends = ends
+        self.fn = fn
+        self.address = address
+        self.idx = idx
+        self.sampled = sampled
+        self.cid: Any = None
+
+
+def _finish(kb: KeyBuilder, out: bytearray, ends: list[int], visual: bytes, address: tuple[str, str, int], idx: int,
+            sampled: bool, call: Call) -> RequestKey:  # fmt: skip
+    """Append the visual, address and document parts to ``out`` (which ends with its label)."""
+    out += visual
+    ends.append(len(out))
+    task, split, doc_id = address
+    t, s = task.encode("utf-8", "surrogatepass"), split.encode("utf-8", "surrogatepass")
+    out += b"address=l4:s%d:%ss%d:%si%d;i%d;" % (len(t), t, len(s), s, doc_id, idx)
+    ends.append(len(out))
+    found = call.documents.get(address)
+    d = (found if found is not None else kb._document_at(task, split, doc_id, call))[0]
+    out += b"doc="
+    out += d if d is not None else b"?"
+    ends.append(len(out))
+    return _request_key((digest_bytes(out), None, None, out, tuple(ends), 0 if sampled else None))
+
+
+def _fast(kb: KeyBuilder, prefix: bytes, request: Any, call: Call, loglikelihood: bool) -> Any:
+    """The key of (context, gen_kwargs | continuation, doc_to_visual, doc_id, task, split);
+    a :class:`_Pending` one when its visual needs the document; None for the general path."""
+    args = getattr(request, "arguments", None)
+    if type(args) is not tuple or len(args) != 6:
+        return None
+    context, second, fn, doc_id, task, split = args
+    if type(context) is not str or type(second) is not (str if loglikelihood else dict) or type(doc_id) is not int \
+            or type(task) is not str or type(split) is not str:  # fmt: skip
+        return None
+    meta = getattr(request, "metadata", None)
+    idx = getattr(request, "idx", None)
+    if type(meta) is not dict or type(idx) is not int:
+        return None
+    repeats = meta.get("repeats", 1)
+    if type(repeats) is not int:
+        return None
+    address = (task, split, doc_id)
+    try:
+        visual = _visual(kb, fn, address, call)
+        if visual is None:
+            return None
+        out = bytearray(prefix)
+        ends = [len(out)]
+        b = context.encode("utf-8", "surrogatepass")
+        out += b"context=s%d:" % len(b)
+        out += b
+        ends.append(len(out))
+        if loglikelihood:
+            b = args[1].encode("utf-8", "surrogatepass")  # (args: mypy narrows second to str | dict)
+            out += b"target=s%d:" % len(b)
+            out += b
+            samples = False
+        else:
+            encoded, samples = kb._settings(args[1], call)
+            out += b"gen_kwargs="
+            out += encoded
+        ends.append(len(out))
+        out += b"visual="
+        sampled = kb._sampling
+        if sampled is None:
+            sampled = samples or (repeats or 1) > 1
+        if visual is _PENDING:
+            return _Pending(out, ends, fn, address, idx, sampled)
+        return _finish(kb, out, ends, visual, address, idx, sampled, call)
+    except Exception:  # the general path meets it again and says what it is
+        return None
+
+
+# method -> whether its second argument is a continuation (else generation settings)
+_FAST = {"generate_until": False, "loglikelihood": True}
