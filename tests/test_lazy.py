@@ -8,7 +8,7 @@ import pytest
 
 from fakes import gen_request, task_dict
 from lmms_cache import cached
-from lmms_cache.lazy import is_constructed, lazy_model
+from lmms_cache.lazy import is_constructed, lazy_model, tokenizer_without_weights
 
 
 class Base:
@@ -245,6 +245,44 @@ def test_a_model_that_is_not_hflm_has_no_tokenizer_without_being_built(tmp_path)
     assert getattr(m, "tokenizer", False) is False and not is_constructed(m)
 
 
+class ClassTokenizer(Base):
+    """A class attribute the initializer sets on the instance (lm-eval's TemplateLM.tokenizer)."""
+
+    tokenizer: Any = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokenizer = "built"
+
+    def generate_until(self, requests: list[Any]) -> list[str]:
+        return ["x"] * len(requests)
+
+
+def test_a_class_attribute_tokenizer_is_the_class_value_until_built_then_the_instance_value():
+    m = lazy_model(ClassTokenizer, {})
+    assert m.tokenizer is None and not is_constructed(m)
+    m.generate_until([gen_request(0)])
+    assert m.tokenizer == "built"
+    m.tokenizer = "changed"
+    assert m.tokenizer == "changed"
+
+
+def test_an_hflm_subclass_making_its_tokenizer_otherwise_answers_nothing_without_being_built(tmp_path):
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("transformers")
+    from lm_eval.models.hf_vlms import HFMultimodalLM
+    from lm_eval.models.huggingface import HFLM
+
+    class OwnMaxLength(HFLM):
+        @property
+        def max_length(self) -> int:
+            return 7
+
+    for cls in (HFMultimodalLM, OwnMaxLength):
+        assert tokenizer_without_weights(cls, {"pretrained": str(tmp_path)}) == {}
+    assert tokenizer_without_weights(HFLM, {"pretrained": str(tmp_path), "tokenizer": object()}) == {}
+
+
 @pytest.mark.slow
 def test_tokenizer_details_match_what_lm_eval_hflm_logs_once_built(tmp_path, monkeypatch):
     """lm-eval's add_tokenizer_info on HFLM built and on the placeholder that never loaded
@@ -277,6 +315,10 @@ def test_tokenizer_details_match_what_lm_eval_hflm_logs_once_built(tmp_path, mon
         assert not is_constructed(placeholder)
         assert "tokenizer_pad_token" in built and unbuilt == built, extra
     assert built["max_length"] == 256  # the config's n_positions, not the tokenizer's 512
+    # Built after all (a miss): its own tokenizer and properties from then on.
+    answered = placeholder.tokenizer
+    assert placeholder.model is not None and is_constructed(placeholder)
+    assert placeholder.tokenizer is not answered and placeholder.max_length == 256
 
 
 def test_without_the_checkpoints_files_the_tokenizer_stays_absent_and_nothing_is_built(tmp_path):

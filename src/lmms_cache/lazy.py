@@ -41,7 +41,9 @@ _METHODS = ("generate_until", "loglikelihood", "loglikelihood_rolling", "generat
 _PROBED = frozenset({"accelerator", "batch_sizes", "get_model_info", "MULTIMODAL", "tokenizer", *_METHODS})
 # Attributes an unbuilt model answers from its checkpoint's files when it can (lm-eval's
 # add_tokenizer_info reads them after a run): see tokenizer_without_weights. When it cannot,
-# each behaves as before (the tokenizer is absent; the other two construct, as any attribute).
+# each behaves as before: the tokenizer is absent (or the class's own value: lm-eval's
+# TemplateLM says None); the other two, like any attribute, construct the model (lm-eval
+# reads them only when there is a tokenizer).
 _ANSWERED = ("tokenizer", "eot_token_id", "max_length")
 _classes: dict[type, type] = {}
 
@@ -114,6 +116,7 @@ def _construct(obj: Any, cause: str) -> None:
     finally:
         state.constructing = False
     state.constructed = True
+    state.answers = None  # the model's own from now on (and a tokenizer less in memory)
     for name, value in kept.items():
         current = obj.__dict__.get(name)
         if isinstance(current, dict) and isinstance(value, dict):
