@@ -87,25 +87,27 @@ def test_fully_cached_rerun_never_constructs_the_model_and_prints_the_same_table
     assert rerun.table == first.table
 
 
-def test_fully_cached_rerun_writes_the_same_results_file_without_a_throughput_block(cli):
-    """lmms-eval's ``throughput`` block is what the model logged while generating in this run:
-    a rerun that never built the model has none to report (and reporting the first run's
-    would present another run's timings as this one's). Everything else is the same."""
+def test_fully_cached_rerun_writes_the_same_results_file_without_throughput_or_usage(cli):
+    """lmms-eval's ``throughput`` and ``usage`` blocks are what the model logged while
+    generating in this run: a rerun that never built the model has none to report (reporting
+    the first run's would present another run's timings and spending as this one's).
+    Everything else is the same."""
     from lmms_worker import SECONDS_PER_ANSWER
 
     first, rerun = ok(cli["first"]), ok(cli["rerun"])
     generations = sum(r["method"] == "generate_until" for r in first.requests())
     assert first.results_file()["throughput"]["total_elapsed_time"] == SECONDS_PER_ANSWER * generations
+    assert first.results_file()["usage"]["total"]["n_api_calls"] == generations
     assert first.throughput_table[2] == "|total_gen_tokens  | 39.0|tokens  |"  # 9 one-word answers, 15 "red #n"
     assert "throughput" not in rerun.results_file() and rerun.throughput_table == []
+    assert rerun.results_file()["usage"] == {}
     assert same_run(rerun.results_file()) == same_run(first.results_file())
 
 
 def same_run(results: dict[str, Any]) -> dict[str, Any]:
-    """A results file without the clocks, the throughput and the command line (which names
-    each run's output directory)."""
-    out = comparable(results)
-    out.pop("throughput", None)
+    """A results file without the clocks, what the model logged (throughput, usage) and the
+    command line (which names each run's output directory)."""
+    out = {k: v for k, v in comparable(results).items() if k not in ("throughput", "usage")}
     out["config"].pop("resolved_cli_args")
     return out
 
