@@ -292,18 +292,20 @@ class Cli:
     cache entries share it) when constructed, and logs its calls to ``log``."""
 
     def __init__(self, project: Project, name: str, *options: str, cache: Path, marker: Path,
-                 tasks: list[str]) -> None:  # fmt: skip
+                 tasks: list[str], write_results: bool = False) -> None:  # fmt: skip
         base = project.root / "cli"
         base.mkdir(exist_ok=True)
         self.name = name
         self.marker = marker
         self.log = base / f"{name}.calls.jsonl"
         self.stdout_path, self.stderr_path = base / f"{name}.out", base / f"{name}.err"
+        self.output = base / f"{name}.results"  # lmms-eval's --output_path, with write_results
         exe = shutil.which("lmms-cache")
         argv = [
             *([exe] if exe else [sys.executable, "-m", "lmms_cache"]), "eval", "--cache-dir", str(cache), *options,
             "--", "--model", "fake_vlm", "--model_args", f"pretrained=fake/vlm-1b,marker={self.marker}",
             "--tasks", ",".join(tasks), "--include_path", str(project.tasks),
+            *(["--output_path", str(self.output)] if write_results else []),
         ]  # fmt: skip
         env = project.env(LMMS_EVAL_PLUGINS=PLUGIN, LMMS_FAKE_LOG=str(self.log))
         with open(self.stdout_path, "w") as out, open(self.stderr_path, "w") as err:
@@ -334,8 +336,20 @@ class Cli:
 
     @property
     def table(self) -> list[str]:
-        """The results table lmms-eval prints."""
-        return [line for line in self.stdout.splitlines() if line.startswith("|")]
+        """The results table lmms-eval prints (not the throughput table below it)."""
+        lines = self.stdout.split("\nThroughput Summary\n")[0].splitlines()
+        return [line for line in lines if line.startswith("|")]
+
+    @property
+    def throughput_table(self) -> list[str]:
+        """The table lmms-eval prints under "Throughput Summary" (when the model logged any)."""
+        _, found, after = self.stdout.partition("\nThroughput Summary\n")
+        return [line for line in after.splitlines() if line.startswith("|")] if found else []
+
+    def results_file(self) -> dict[str, Any]:
+        """The results JSON lmms-eval wrote (a run with ``write_results``)."""
+        (found,) = self.output.rglob("*_results.json")
+        return dict(json.loads(found.read_text()))
 
     def requests(self) -> list[dict[str, Any]]:
         if not self.log.exists():

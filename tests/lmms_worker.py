@@ -8,6 +8,10 @@ plugin package the harness writes re-exports ``FakeVLM`` for ``--model fake_vlm`
 The models answer from the content they are given, so that a changed image or video shows
 in the answer: the dominant colour of an image, the colour written inside a "video" file.
 Sampled requests (``do_sample``) get the colour plus a per-model counter, so repeats differ.
+Like lmms-eval's own models, ``generate_until`` logs its throughput (``log_metrics``: the
+results' ``throughput`` block), with a stand-in time of ``SECONDS_PER_ANSWER`` per request,
+never a measured one, so that two runs computing the same requests log the same totals; and,
+like its API models, the tokens of each answer (``log_usage``: the ``usage`` block).
 Every model call is recorded before the model changes ``gen_kwargs`` in place (as real
 models do: it then adds ``max_new_tokens`` and pops ``until``): in memory for the report,
 and one JSON line per call appended to the log file, which survives a SIGKILL.
@@ -37,6 +41,8 @@ from typing import Any
 
 from lmms_eval.api.instance import GenerationResult, TokenCounts
 from lmms_eval.api.model import lmms
+from lmms_eval.models.model_utils.gen_metrics import log_metrics
+from lmms_eval.models.model_utils.usage_metrics import log_usage
 
 COLORS = ("red", "green", "blue")
 CONTROL: dict[str, Any] = {"log": os.environ.get("LMMS_FAKE_LOG"), "run": os.environ.get("LMMS_FAKE_RUN", "cli"),
@@ -76,8 +82,21 @@ def mutate(gen_kwargs: dict[str, Any]) -> None:
     gen_kwargs.pop("until", None)
 
 
+SECONDS_PER_ANSWER = 0.25  # the time the fakes say a generation took (see the docstring)
+
+
 class _Recorder:
     """Shared by both fake models: counts calls, records them, blocks on request."""
+
+    def _log_metrics(self, requests: list[Any], answers: list[GenerationResult]) -> None:
+        for r, a in zip(requests, answers, strict=True):
+            log_usage(self.pretrained, task_name=r.args[4], input_tokens=a.token_counts.input_tokens,
+                      output_tokens=a.token_counts.output_tokens)  # fmt: skip
+        if not answers:
+            return
+        tokens = sum(a.token_counts.output_tokens for a in answers)
+        seconds = SECONDS_PER_ANSWER * len(answers)
+        log_metrics(total_elapsed_time=seconds, total_gen_tokens=tokens, avg_speed=tokens / seconds)
 
     def _enter(self, method: str, records: list[dict[str, Any]]) -> None:
         batch = self._batch_counter
@@ -133,6 +152,7 @@ class FakeVLM(_Recorder, lmms):
             answer = self._answer(gen_kwargs, visual_color(vs[0]), r.args[0])
             mutate(gen_kwargs)
             out.append(answer)
+        self._log_metrics(requests, out)
         return out
 
     def loglikelihood(self, requests: list[Any]) -> list[tuple[float, bool]]:
@@ -180,6 +200,7 @@ class FakeChatVLM(_Recorder, lmms):
             answer = self._answer(r.args[2], image_color(vs[0]), r.args[0])
             mutate(r.args[2])
             out.append(answer)
+        self._log_metrics(requests, out)
         return out
 
     def loglikelihood(self, requests: list[Any]) -> list[tuple[float, bool]]:

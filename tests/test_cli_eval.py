@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 import lmms_harness
-from lmms_harness import CHOICES, REPEATS, SIMPLE_TASKS, Cli, Project
+from lmms_harness import CHOICES, REPEATS, SIMPLE_TASKS, Cli, Project, comparable
 
 pytestmark = pytest.mark.e2e
 
@@ -43,13 +43,13 @@ def cli(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
     started: list[Cli] = []
     try:
-        started.append(Cli(project, "first", **on("D")))
+        started.append(Cli(project, "first", **on("D"), write_results=True))
         started.append(Cli(project, "nocache", "--no-cache", **on("E")))
         started.append(Cli(project, "onmiss", "--on-miss", "error", **on("F")))
         for run in started:
             runs[run.name] = run.wait()
         runs["entries_after_first"] = entries(caches["D"])
-        runs["rerun"] = Cli(project, "rerun", **on("D")).wait()
+        runs["rerun"] = Cli(project, "rerun", **on("D"), write_results=True).wait()
         runs["clear"] = Cli(project, "clear", "--clear-cache", **on("D")).wait()
     finally:
         unpatch.undo()
@@ -85,6 +85,31 @@ def test_fully_cached_rerun_never_constructs_the_model_and_prints_the_same_table
     assert f"0 hits, {N_REQUESTS} misses, {N_REQUESTS} written; model built;" in first.stderr
     assert rerun.header == first.header
     assert rerun.table == first.table
+
+
+def test_fully_cached_rerun_writes_the_same_results_file_without_throughput_or_usage(cli):
+    """lmms-eval's ``throughput`` and ``usage`` blocks are what the model logged while
+    generating in this run: a rerun that never built the model has none to report (reporting
+    the first run's would present another run's timings and spending as this one's).
+    Everything else is the same."""
+    from lmms_worker import SECONDS_PER_ANSWER
+
+    first, rerun = ok(cli["first"]), ok(cli["rerun"])
+    generations = sum(r["method"] == "generate_until" for r in first.requests())
+    assert first.results_file()["throughput"]["total_elapsed_time"] == SECONDS_PER_ANSWER * generations
+    assert first.results_file()["usage"]["total"]["n_api_calls"] == generations
+    assert first.throughput_table[2] == "|total_gen_tokens  | 39.0|tokens  |"  # 9 one-word answers, 15 "red #n"
+    assert "throughput" not in rerun.results_file() and rerun.throughput_table == []
+    assert rerun.results_file()["usage"] == {}
+    assert same_run(rerun.results_file()) == same_run(first.results_file())
+
+
+def same_run(results: dict[str, Any]) -> dict[str, Any]:
+    """A results file without the clocks, what the model logged (throughput, usage) and the
+    command line (which names each run's output directory)."""
+    out = {k: v for k, v in comparable(results).items() if k not in ("throughput", "usage")}
+    out["config"].pop("resolved_cli_args")
+    return out
 
 
 def test_clear_cache_makes_the_model_compute_again(cli):

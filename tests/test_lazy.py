@@ -8,7 +8,7 @@ import pytest
 
 from fakes import gen_request, task_dict
 from lmms_cache import cached
-from lmms_cache.lazy import is_constructed, lazy_model
+from lmms_cache.lazy import is_constructed, lazy_model, tokenizer_without_weights
 
 
 class Base:
@@ -218,3 +218,117 @@ def test_model_info_matches_what_lm_eval_hflm_reports_once_built(tmp_path, monke
         built = HFLM(**args).get_model_info()
         built["model_dtype"] = str(built["model_dtype"])  # what lm-eval's results file says
         assert lazy_model(HFLM, args).get_model_info() == built
+
+
+# -- the tokenizer details lm-eval logs (add_tokenizer_info) -----------------------------------
+
+
+class HFLMShaped(Base):
+    """Not lm-eval's HFLM: answers nothing without being built."""
+
+    _DEFAULT_MAX_LENGTH = 2048
+
+    def __init__(self, pretrained: str = "", **kwargs: Any) -> None:
+        super().__init__()
+        raise AssertionError("never built in these tests")
+
+    @property
+    def eot_token_id(self) -> int:
+        return 0
+
+    def generate_until(self, requests: list[Any]) -> list[str]:
+        return []
+
+
+def test_a_model_that_is_not_hflm_has_no_tokenizer_without_being_built(tmp_path):
+    m = lazy_model(HFLMShaped, {"pretrained": str(tmp_path)})
+    assert getattr(m, "tokenizer", False) is False and not is_constructed(m)
+
+
+class ClassTokenizer(Base):
+    """A class attribute the initializer sets on the instance (lm-eval's TemplateLM.tokenizer)."""
+
+    tokenizer: Any = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokenizer = "built"
+
+    def generate_until(self, requests: list[Any]) -> list[str]:
+        return ["x"] * len(requests)
+
+
+def test_a_class_attribute_tokenizer_is_the_class_value_until_built_then_the_instance_value():
+    m = lazy_model(ClassTokenizer, {})
+    assert m.tokenizer is None and not is_constructed(m)
+    m.generate_until([gen_request(0)])
+    assert m.tokenizer == "built"
+    m.tokenizer = "changed"
+    assert m.tokenizer == "changed"
+
+
+def test_an_hflm_subclass_making_its_tokenizer_otherwise_answers_nothing_without_being_built(tmp_path):
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("transformers")
+    from lm_eval.models.hf_vlms import HFMultimodalLM
+    from lm_eval.models.huggingface import HFLM
+
+    class OwnMaxLength(HFLM):
+        @property
+        def max_length(self) -> int:
+            return 7
+
+    for cls in (HFMultimodalLM, OwnMaxLength):
+        assert tokenizer_without_weights(cls, {"pretrained": str(tmp_path)}) == {}
+    assert tokenizer_without_weights(HFLM, {"pretrained": str(tmp_path), "tokenizer": object()}) == {}
+
+
+@pytest.mark.slow
+def test_tokenizer_details_match_what_lm_eval_hflm_logs_once_built(tmp_path, monkeypatch):
+    """lm-eval's add_tokenizer_info on HFLM built and on the placeholder that never loaded
+    its weights: the same fields, for the checkpoint's tokenizer, another one without a pad
+    token (lm-eval picks one) and an explicit max_length."""
+    pytest.importorskip("lm_eval")
+    transformers = pytest.importorskip("transformers")
+    from lm_eval.loggers.utils import add_tokenizer_info
+    from lm_eval.models.huggingface import HFLM
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    import tiny_models as tm
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ckpt = tm.build_gpt2(tmp_path / "gpt2")
+    no_pad = tmp_path / "no-pad"
+    words = [tm.UNK, tm.EOS, *"abcdefghijklmnopqrstuvwxyz"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=tm.UNK))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=tm.UNK,
+                                         eos_token=tm.EOS).save_pretrained(no_pad)  # fmt: skip
+    base = {"pretrained": str(ckpt), "device": "cpu", "batch_size": 1}
+    for extra in ({}, {"tokenizer": str(no_pad)}, {"max_length": 64}, {"use_fast_tokenizer": False}):
+        args = {**base, **extra}
+        built: dict[str, Any] = {}
+        add_tokenizer_info(built, HFLM(**args))
+        unbuilt: dict[str, Any] = {}
+        placeholder = lazy_model(HFLM, args)
+        add_tokenizer_info(unbuilt, placeholder)
+        assert not is_constructed(placeholder)
+        assert "tokenizer_pad_token" in built and unbuilt == built, extra
+    assert built["max_length"] == 256  # the config's n_positions, not the tokenizer's 512
+    # Built after all (a miss): its own tokenizer and properties from then on.
+    answered = placeholder.tokenizer
+    assert placeholder.model is not None and is_constructed(placeholder)
+    assert placeholder.tokenizer is not answered and placeholder.max_length == 256
+
+
+def test_without_the_checkpoints_files_the_tokenizer_stays_absent_and_nothing_is_built(tmp_path):
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("transformers")
+    from lm_eval.loggers.utils import add_tokenizer_info
+    from lm_eval.models.huggingface import HFLM
+
+    placeholder = lazy_model(HFLM, {"pretrained": str(tmp_path / "missing"), "device": "cpu"})
+    storage: dict[str, Any] = {}
+    add_tokenizer_info(storage, placeholder)
+    assert storage == {} and not is_constructed(placeholder)
+    assert placeholder.tokenizer is None  # lm-eval's TemplateLM.tokenizer, as before

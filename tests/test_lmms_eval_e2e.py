@@ -175,7 +175,34 @@ def test_second_process_makes_no_model_calls_and_replays_everything(scenario, na
     assert second["stats"]["model_calls"] == 0 and second["stats"]["misses"] == 0
     assert second["stats"]["hits"] == second["stats"]["requests"] == n_requests(first)
     assert second["samples"] == first["samples"]  # resps, filtered_resps, token counts, per-sample scores
-    assert comparable(second["results"]) == comparable(first["results"])
+    assert without_model_time(second["results"]) == without_model_time(first["results"])
+
+
+def without_model_time(results: dict[str, Any]) -> dict[str, Any]:
+    """Results without what the model logged while computing (throughput, API usage)."""
+    return {k: v for k, v in comparable(results).items() if k not in ("throughput", "usage")}
+
+
+def generations_computed(report: dict[str, Any]) -> int:
+    return sum(r["method"] == "generate_until" for r in requests_of(report["calls"]))
+
+
+def test_throughput_and_usage_report_only_what_the_model_computed_in_the_run(scenario):
+    """lmms-eval's ``throughput`` and ``usage`` blocks sum what the model logged while
+    generating in this run: a fully cached replay has none (no model time or tokens spent; the
+    earlier run's would be another run's numbers), a partial one only its misses'."""
+    from lmms_worker import SECONDS_PER_ANSWER
+
+    first, second, changed = (scenario[run]["cached"] for run in ("first", "second", "changed"))
+    for block in ("throughput", "usage"):
+        assert first["results"][block] == scenario["first"]["plain"]["results"][block]
+    for run in (first, changed):
+        n = generations_computed(run)
+        assert run["results"]["throughput"]["total_elapsed_time"] == SECONDS_PER_ANSWER * n
+        assert run["results"]["usage"]["total"]["n_api_calls"] == n
+    assert 0 < generations_computed(changed) < generations_computed(first)
+    assert generations_computed(second) == 0
+    assert "throughput" not in second["results"] and second["results"]["usage"] == {}
 
 
 def test_sampled_repeats_differ_and_replay_identically(scenario):

@@ -306,7 +306,13 @@ def test_the_tiny_checkpoints_are_reproducible_and_seeded(tmp_path):
 
 def eval_cli(tmp_path: Path, tasks: Path, cache: Path, model_args: str, run: str, *options: str) -> int:
     """``lmms-cache eval --harness lm-eval`` with lm-eval's real ``hf`` model, in a new process;
-    with ``--on-miss error`` it exits 0 when every request was a hit, 3 when one was not."""
+    with ``--on-miss error`` it exits 0 when every request was a hit, 3 when one was not.
+    Its results file is in ``tmp_path / run``."""
+    return eval_run(tmp_path, tasks, cache, model_args, run, *options).returncode
+
+
+def eval_run(tmp_path: Path, tasks: Path, cache: Path, model_args: str, run: str, *options: str) -> Any:
+    """:func:`eval_cli`'s finished process (``returncode``, ``stderr``)."""
     import subprocess
     import sys
 
@@ -318,7 +324,7 @@ def eval_cli(tmp_path: Path, tasks: Path, cache: Path, model_args: str, run: str
     proc = subprocess.run(argv, env=harness_env(tmp_path), cwd=tmp_path, capture_output=True, text=True,
                           timeout=300)  # fmt: skip
     assert proc.returncode in (0, 3), proc.stderr[-4000:]
-    return proc.returncode
+    return proc
 
 
 @pytest.mark.e2e
@@ -334,3 +340,46 @@ def test_the_eval_path_misses_a_resaved_checkpoint_and_another_tokenizer(tmp_pat
     assert eval_cli(tmp_path, tasks, cache, f"pretrained={ckpt},tokenizer={tok}", "tok", *replay) == 3
     tm.build_gpt2(ckpt, seed=1)  # "evaluate the latest checkpoint": re-saved in place
     assert eval_cli(tmp_path, tasks, cache, f"pretrained={ckpt}", "resaved", *replay) == 3
+
+
+def results_file(directory: Path) -> dict[str, Any]:
+    """The results JSON lm-eval wrote under its ``--output_path``."""
+    import json
+
+    (found,) = directory.rglob("results_*.json")
+    return dict(json.loads(found.read_text()))
+
+
+# What lm-eval writes about the model: get_model_info (in "config") and add_tokenizer_info.
+MODEL_DETAILS = ("model_num_parameters", "model_dtype", "model_revision", "model_sha")
+TOKENIZER_DETAILS = ("tokenizer_pad_token", "tokenizer_eos_token", "tokenizer_bos_token", "eot_token_id",
+                     "max_length")  # fmt: skip
+# What differs between any two runs: their clocks.
+RUN_CLOCKS = ("date", "start_time", "end_time", "total_evaluation_time_seconds")
+
+
+@pytest.mark.e2e
+def test_a_fully_cached_eval_writes_the_model_and_tokenizer_details_the_built_model_wrote(tmp_path):
+    """lm-eval's results file of a run that built HFLM and of a fully cached rerun that never
+    did: the same model and tokenizer details (from the checkpoint's files), and the same
+    everything else but the clocks."""
+    from test_lm_eval_e2e import write_tasks
+
+    tasks, cache, ckpt = write_tasks(tmp_path / "tasks"), tmp_path / "cache", tmp_path / "gpt2"
+    tm.build_gpt2(ckpt, seed=0)
+    cold = eval_run(tmp_path, tasks, cache, f"pretrained={ckpt}", "cold")
+    cached = eval_run(tmp_path, tasks, cache, f"pretrained={ckpt}", "cached", "--on-miss", "error")
+    assert cold.returncode == cached.returncode == 0, cached.stderr[-4000:]
+    assert "model built;" in cold.stderr and "model never built;" in cached.stderr
+    built, unbuilt = results_file(tmp_path / "cold"), results_file(tmp_path / "cached")
+
+    assert {k: built["config"][k] for k in MODEL_DETAILS} == {
+        "model_num_parameters": built["config"]["model_num_parameters"], "model_dtype": "torch.float32",
+        "model_revision": "main", "model_sha": ""}  # fmt: skip
+    assert built["config"]["model_num_parameters"] > 0
+    assert {k: built[k] for k in TOKENIZER_DETAILS} == {
+        "tokenizer_pad_token": [tm.PAD, "3"], "tokenizer_eos_token": [tm.EOS, "2"],
+        "tokenizer_bos_token": [tm.BOS, "1"], "eot_token_id": 2, "max_length": 256}  # fmt: skip
+    for name in RUN_CLOCKS:
+        built.pop(name, None), unbuilt.pop(name, None)
+    assert unbuilt == built

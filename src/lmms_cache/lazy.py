@@ -9,12 +9,15 @@ an attribute the placeholder does not have is read. Whatever the evaluator set o
 placeholder before then (``task_dict``) is kept.
 
 lm-eval adds the model's details to its results (``get_model_info``: parameter count,
-dtype, revision, commit). A model that was never built answers from what is known without
-its weights: :func:`model_info_without_weights`.
+dtype, revision, commit; ``add_tokenizer_info``: the tokenizer's special tokens,
+``eot_token_id``, ``max_length``). A model that was never built answers from what is known
+without its weights: :func:`model_info_without_weights` and :func:`tokenizer_without_weights`.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
 import logging
 import math
@@ -23,7 +26,7 @@ import struct
 import time
 from typing import Any
 
-__all__ = ["is_constructed", "lazy_model", "model_info_without_weights"]
+__all__ = ["is_constructed", "lazy_model", "model_info_without_weights", "tokenizer_without_weights"]
 
 log = logging.getLogger("lmms_cache")
 
@@ -36,6 +39,12 @@ _METHODS = ("generate_until", "loglikelihood", "loglikelihood_rolling", "generat
 # where the class defines them as properties; every other missing attribute does.
 # The request methods are probed too (a class without loglikelihood_rolling has none to give).
 _PROBED = frozenset({"accelerator", "batch_sizes", "get_model_info", "MULTIMODAL", "tokenizer", *_METHODS})
+# Attributes an unbuilt model answers from its checkpoint's files when it can (lm-eval's
+# add_tokenizer_info reads them after a run): see tokenizer_without_weights. When it cannot,
+# each behaves as before: the tokenizer is absent (or the class's own value: lm-eval's
+# TemplateLM says None); the other two, like any attribute, construct the model (lm-eval
+# reads them only when there is a tokenizer).
+_ANSWERED = ("tokenizer", "eot_token_id", "max_length")
 _classes: dict[type, type] = {}
 
 
@@ -45,6 +54,15 @@ class _State:
         self.kwargs = kwargs
         self.constructed = False
         self.constructing = False
+        self.answers: dict[str, Any] | None = None  # tokenizer_without_weights, once asked
+
+    def answer(self, name: str) -> tuple[bool, Any]:
+        """(True, the value) when the unbuilt model answers ``name`` without its weights."""
+        if name not in _ANSWERED:
+            return False, None
+        if self.answers is None:
+            self.answers = tokenizer_without_weights(self.cls, self.kwargs)
+        return (name in self.answers), self.answers.get(name)
 
 
 def lazy_model(cls: type, kwargs: dict[str, Any]) -> Any:
@@ -98,6 +116,7 @@ def _construct(obj: Any, cause: str) -> None:
     finally:
         state.constructing = False
     state.constructed = True
+    state.answers = None  # the model's own from now on (and a tokenizer less in memory)
     for name, value in kept.items():
         current = obj.__dict__.get(name)
         if isinstance(current, dict) and isinstance(value, dict):
@@ -120,8 +139,12 @@ def _lazy_class(cls: type) -> type:
 
     def __getattr__(self: Any, name: str) -> Any:  # only for attributes not found otherwise
         state = self.__dict__.get(_STATE)
-        if (state is None or state.constructed or state.constructing or name.startswith("__")
-                or name in _PROBED):  # fmt: skip
+        if state is None or state.constructed or state.constructing or name.startswith("__"):
+            raise AttributeError(f"{cls.__name__!r} object has no attribute {name!r}")
+        known, value = state.answer(name)
+        if known:
+            return value
+        if name in _PROBED:
             raise AttributeError(f"{cls.__name__!r} object has no attribute {name!r}")
         _construct(self, f"the attribute {name!r} was read")
         return getattr(self, name)
@@ -131,8 +154,12 @@ def _lazy_class(cls: type) -> type:
     for method in _METHODS:
         if callable(getattr(cls, method, None)):
             namespace[method] = _constructing(cls, method)
-    for name in _PROBED - set(_METHODS) - {"get_model_info"}:
-        if isinstance(getattr(cls, name, None), property):
+    for name in (_PROBED | set(_ANSWERED)) - set(_METHODS) - {"get_model_info"}:
+        value = inspect.getattr_static(cls, name, None)
+        if isinstance(value, property) or (name in _ANSWERED and hasattr(cls, name)
+                                           and not hasattr(type(value), "__get__")):  # fmt: skip
+            # (lm-eval's TemplateLM has a class attribute ``tokenizer = None``, which the
+            # instance's own would hide only once built.)
             namespace[name] = _probed_property(cls, name)
     if callable(getattr(cls, "get_model_info", None)):
         # lm-eval adds the model's details to its results after the run: an unconstructed
@@ -151,15 +178,37 @@ def _lazy_class(cls: type) -> type:
 
 
 def _probed_property(cls: type, name: str) -> property:
-    """A class property the evaluators probe: absent until the model is constructed."""
-    original: property = getattr(cls, name)
+    """A class property (or plain class attribute) the evaluators probe. Until the model is
+    constructed: its answer without weights if it has one, else a plain class attribute's
+    value, else left to the class's ``__getattr__`` (which says it is absent, or builds).
+    While the initializer runs and after, the class's own (HFLM's ``__init__`` reads
+    ``max_length`` to pick a batch size), or the instance's value set over a class attribute."""
+    original = inspect.getattr_static(cls, name)
+    is_property = isinstance(original, property)
 
     def get(self: Any) -> Any:
-        if not is_constructed(self):
-            raise AttributeError(f"{cls.__name__!r} is not constructed yet: no {name!r}")
-        return original.__get__(self, type(self))
+        state = self.__dict__.get(_STATE)
+        if state is not None and not state.constructed and not state.constructing:
+            known, value = state.answer(name)
+            if known:
+                return value
+            if is_property:
+                raise AttributeError(f"{cls.__name__!r} is not constructed yet: no {name!r}")
+            return original
+        if is_property:
+            return original.__get__(self, type(self))
+        return self.__dict__.get(name, original)
 
-    return property(get, original.fset, original.fdel, original.__doc__)
+    if is_property:
+        return property(get, original.fset, original.fdel, original.__doc__)
+
+    def set_(self: Any, value: Any) -> None:
+        self.__dict__[name] = value
+
+    def delete(self: Any) -> None:
+        del self.__dict__[name]
+
+    return property(get, set_, delete)
 
 
 def _constructing(cls: type, method: str) -> Any:
@@ -216,6 +265,69 @@ def model_info_without_weights(kwargs: dict[str, Any]) -> dict[str, Any]:
             source = str(kwargs[name])
             info[f"{name}_sha"] = "" if os.path.isdir(source) else _hub_commit(source, revision)
     return info
+
+
+def tokenizer_without_weights(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``tokenizer``, ``eot_token_id`` and ``max_length`` of lm-eval's ``HFLM`` built with
+    these arguments, without building it (the config and tokenizer files only, never a tensor),
+    so that lm-eval's ``add_tokenizer_info`` writes the same fields on a fully cached rerun.
+
+    * ``tokenizer``: what ``HFLM._create_tokenizer`` loads (the ``tokenizer`` argument, else
+      ``pretrained``; with its ``revision``, ``trust_remote_code``, ``use_fast_tokenizer``,
+      ``add_bos_token``, ``subfolder``, ``gguf_file``), its pad token set by lm-eval's own
+      ``configure_pad_token`` as ``HFLM.__init__`` does;
+    * ``eot_token_id``: the tokenizer's ``eos_token_id`` (``HFLM.eot_token_id``);
+    * ``max_length``: the ``max_length`` argument, else lm-eval's own ``resolve_max_length``
+      on the checkpoint's config and this tokenizer (``HFLM.max_length``).
+
+    Only from local files (a directory or the Hugging Face cache: a cached run never waits on
+    the network). ``{}`` (the fields stay out of the results) for any other class (one that is
+    not ``HFLM`` or redefines how it makes its tokenizer or these properties), a ``pretrained``
+    or ``tokenizer`` that is not a name, an lm-eval without those helpers, and any failure to
+    load (logged at debug level: the evaluation never fails for these fields).
+    """
+    pretrained, tokenizer_name = kwargs.get("pretrained"), kwargs.get("tokenizer")
+    if (not isinstance(pretrained, str) or not pretrained or not isinstance(tokenizer_name, (str, type(None)))
+            or not _keeps_hflm_tokenizer(cls)):  # fmt: skip
+        return {}
+    try:
+        transformers = importlib.import_module("transformers")
+        lm_utils = importlib.import_module("lm_eval.models.utils")
+        revision = str(kwargs.get("revision", "main"))  # HFLM's str(revision)
+        trust = kwargs.get("trust_remote_code", False)
+        subfolder, gguf_file = kwargs.get("subfolder", ""), kwargs.get("gguf_file")
+        config = transformers.AutoConfig.from_pretrained(
+            pretrained, revision=revision, trust_remote_code=trust, gguf_file=gguf_file, subfolder=subfolder,
+            local_files_only=True)  # fmt: skip
+        # HFLM._create_tokenizer's arguments
+        options: dict[str, Any] = {"revision": revision, "trust_remote_code": trust, "local_files_only": True}
+        if not tokenizer_name and gguf_file is not None:
+            options["gguf_file"] = gguf_file
+        else:
+            options["use_fast"] = kwargs.get("use_fast_tokenizer", True)
+        if kwargs.get("add_bos_token") is not None:
+            options["add_bos_token"] = kwargs["add_bos_token"]
+        if subfolder:
+            options["subfolder"] = subfolder
+        tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_name or pretrained, **options)
+        tokenizer = lm_utils.configure_pad_token(tokenizer, model_config=config)
+        max_length = kwargs.get("max_length") or lm_utils.resolve_max_length(
+            config, tokenizer, default=cls._DEFAULT_MAX_LENGTH)  # type: ignore[attr-defined]  # fmt: skip
+        return {"tokenizer": tokenizer, "eot_token_id": tokenizer.eos_token_id, "max_length": max_length}
+    except Exception as exc:  # what the files or transformers raise: the fields stay out
+        log.debug("lmms-cache: no tokenizer details for %s without building it: %r", cls.__qualname__, exc)
+        return {}
+
+
+def _keeps_hflm_tokenizer(cls: type) -> bool:
+    """``cls`` is lm-eval's ``HFLM`` or a subclass making its tokenizer, ``eot_token_id`` and
+    ``max_length`` as ``HFLM`` does (what :func:`tokenizer_without_weights` reproduces)."""
+    hflm = next((c for c in cls.__mro__ if c.__name__ == "HFLM" and c.__module__ == "lm_eval.models.huggingface"),
+                None)  # fmt: skip
+    if hflm is None:
+        return False
+    return all(getattr(cls, name, None) is hflm.__dict__.get(name)
+               for name in ("_create_tokenizer", "eot_token_id", "max_length"))  # fmt: skip
 
 
 def _dtype(requested: Any, directory: str | None, tensors: list[tuple[str, list[int]]]) -> str:
