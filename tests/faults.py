@@ -17,6 +17,7 @@ so a skip there would hide an untested fault.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import ctypes
 import ctypes.util
@@ -24,6 +25,7 @@ import ctypes.util
 # Imported before any fork: a child running as another user may not reach the files.
 import encodings.ascii
 import encodings.latin_1  # noqa: F401
+import hashlib
 import json
 import logging
 import os
@@ -217,3 +219,30 @@ def zero_page(db: Path, pageno: int) -> None:
 
 def as_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
+
+
+class Echo:
+    """A model answering each prompt; ``size`` > 0 makes each answer that many incompressible
+    bytes (deterministic per prompt)."""
+
+    pretrained = "echo/model"
+
+    def __init__(self, size: int = 0) -> None:
+        self.size = size
+        self.asked: list[str] = []
+
+    def generate_until(self, requests: list[Any]) -> list[str]:
+        self.asked.extend(r[0] for r in requests)
+        return [self.answer(r[0]) for r in requests]
+
+    def answer(self, prompt: str) -> str:
+        if not self.size:
+            return f"answer to {prompt}"
+        seed = hashlib.sha512(prompt.encode()).digest()
+        blob = b"".join(hashlib.sha512(seed + bytes([i % 256, i // 256])).digest() for i in range(self.size // 64 + 1))
+        return base64.b64encode(blob[: self.size]).decode()
+
+
+def reqs(prefix: str, n: int) -> list[tuple[str, dict[str, Any]]]:
+    """``n`` lm-eval-style ``(prompt, gen_kwargs)`` requests."""
+    return [(f"{prefix} {i}", {}) for i in range(n)]

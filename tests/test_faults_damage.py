@@ -7,43 +7,17 @@ copied into the fresh cache (one warning says how many were kept and lost), and
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import os
 import sqlite3
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from faults import pages_of, warnings_during, zero_page
+from faults import Echo, pages_of, reqs, warnings_during, zero_page
 from lmms_cache import cached, cli
 from lmms_cache.store import SQLiteStore, StoreError
 from lmms_cache.store.sqlite import salvage
-
-
-class Echo:
-    pretrained = "echo/model"
-
-    def __init__(self, size: int = 0) -> None:
-        self.size = size
-        self.asked: list[str] = []
-
-    def generate_until(self, requests: list[Any]) -> list[str]:
-        self.asked.extend(r[0] for r in requests)
-        return [self.answer(r[0]) for r in requests]
-
-    def answer(self, prompt: str) -> str:
-        if not self.size:
-            return f"answer to {prompt}"
-        blob = b"".join(hashlib.sha512(f"{prompt}/{i}".encode()).digest() for i in range(self.size // 64 + 1))
-        return base64.b64encode(blob[: self.size]).decode()
-
-
-def reqs(prefix: str, n: int) -> list[tuple[str, dict[str, Any]]]:
-    return [(f"{prefix} {i}", {}) for i in range(n)]
-
 
 N = 120
 

@@ -17,16 +17,9 @@ from typing import Any
 
 import pytest
 
-from faults import NOBODY, STRANGER, in_child, need_root, shared_tmp, warnings_during
+from faults import NOBODY, STRANGER, Echo, in_child, need_root, shared_tmp, warnings_during
 from lmms_cache import cached
 from lmms_cache.store import NullStore, SQLiteStore, StoreError
-
-
-class Echo:
-    pretrained = "echo/model"
-
-    def generate_until(self, requests: list[Any]) -> list[str]:
-        return [f"answer to {r[0]}" for r in requests]
 
 
 def run_cached(directory: str, trust: bool = False, mode: str = "readwrite") -> dict[str, Any]:

@@ -10,8 +10,6 @@ mount namespace; the other-user case as ``nobody``.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import os
 import tempfile
 import time
@@ -20,35 +18,21 @@ from typing import Any
 
 import pytest
 
-from faults import NOBODY, fill, in_child, mount, need_mounts, need_root, shared_tmp, warnings_during
+from faults import (
+    NOBODY,
+    Echo,
+    fill,
+    in_child,
+    mount,
+    need_mounts,
+    need_root,
+    reqs,
+    shared_tmp,
+    warnings_during,
+)
 from lmms_cache import cached, proxy
 from lmms_cache.store import Entry, NullStore, SQLiteStore, StoreError
 from lmms_cache.store import sqlite as sqlite_backend
-
-
-class Echo:
-    """Answers each prompt; ``size`` > 0 makes each answer that many incompressible bytes."""
-
-    pretrained = "echo/model"
-
-    def __init__(self, size: int = 0) -> None:
-        self.size = size
-        self.asked: list[str] = []
-
-    def generate_until(self, requests: list[Any]) -> list[str]:
-        self.asked.extend(r[0] for r in requests)
-        return [self.answer(r[0]) for r in requests]
-
-    def answer(self, prompt: str) -> str:
-        if not self.size:
-            return f"answer to {prompt}"
-        seed = hashlib.sha512(prompt.encode()).digest()
-        blob = b"".join(hashlib.sha512(seed + bytes([i % 256, i // 256])).digest() for i in range(self.size // 64 + 1))
-        return base64.b64encode(blob[: self.size]).decode()
-
-
-def reqs(prefix: str, n: int) -> list[tuple[str, dict[str, Any]]]:
-    return [(f"{prefix} {i}", {}) for i in range(n)]
 
 
 def proxy_of(model: Echo, directory: Path, **options: Any) -> Any:

@@ -126,24 +126,22 @@ def _duration_arg(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _limit_arg(text: str) -> int:
+def _whole_number(text: str, what: str, minimum: int, below: str) -> int:
     try:
         n = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of rows: {text!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"a limit cannot be negative: {n} (0 shows every row)")
+        raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+    if n < minimum:
+        raise argparse.ArgumentTypeError(below.format(n))
     return n
+
+
+def _limit_arg(text: str) -> int:
+    return _whole_number(text, "a number of rows", 0, "a limit cannot be negative: {} (0 shows every row)")
 
 
 def _positive_arg(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {n}")
-    return n
+    return _whole_number(text, "a whole number", 1, "must be at least 1: {}")
 
 
 # -- the management commands -----------------------------------------------------------------

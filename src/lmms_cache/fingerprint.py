@@ -107,14 +107,10 @@ class FileDigests:
 
     def get(self, path: str) -> bytes | None:
         """Digest of the regular file at ``path``, or None if it is not one."""
-        try:
-            st = os.stat(path)
-        except (OSError, ValueError):
-            return None
-        if not stat.S_ISREG(st.st_mode):
+        sig = self.signature(path)
+        if sig is None:
             return None
         path = os.path.abspath(path)
-        sig = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
         found = self._memo.get((path, sig))
         if found is None and self._lookup is not None:
             found = self._lookup(path, sig)

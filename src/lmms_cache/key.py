@@ -238,18 +238,17 @@ class KeyBuilder:
         seen = set()
         for i in pending:
             p = out[i]
-            p.cid = cid = _callable_id(p.fn)
-            at = (cid, p.address)
+            at = (p.cid, p.address)
             if at not in resolved and at not in seen:
                 seen.add(at)
                 task, split, doc_id = p.address
-                self._want(p.fn, cid, task, split, doc_id, wanted, call)
+                self._want(p.fn, p.cid, task, split, doc_id, wanted, call)
         for fp, rows in wanted.items():
             self._derived.prefetch(fp, rows)
         for i in pending:
             p = out[i]
             try:
-                visual = resolved.get((p.cid, p.address)) or self._resolved_at(p.fn, p.address, call, p.cid)
+                visual = self._resolved_at(p.fn, p.address, call, p.cid)
             except Exception:  # the general path meets it again and says what it is
                 visual = None
             if visual is None:
@@ -453,21 +452,26 @@ class KeyBuilder:
     def _resolved(self, fn: Any, rview: RequestView, call: Call, cid: Any = None) -> bytes | None:
         if cid is None:
             cid = _callable_id(fn)
-        memo = call.resolved
-        # A callable whose result needs no document (a text task's doc_to_visual) is
-        # called once per call, whatever the document.
-        found = memo.get(cid)
+        found = self._document_free(fn, cid, call)
         if found is not None:
             return found
-        free = document_free_result(fn) if call.free.get(cid) is not True else NEEDS_DOCUMENT
-        if free is not NEEDS_DOCUMENT:
-            d = self._encoder.digest(free, media=True)
-            memo[cid] = d
-            return d
         address = rview.address
         if address is None:
             return None
         return self._resolved_at(fn, address, call, cid, rview.doc is not NO_DOCUMENT)
+
+    def _document_free(self, fn: Any, cid: Any, call: Call) -> bytes | None:
+        """The digest of what ``fn`` gives when its result needs no document (a text task's
+        ``doc_to_visual``: called once per call, whatever the document), else None."""
+        found = call.resolved.get(cid)
+        if found is not None or call.free.get(cid) is True:
+            return found
+        free = document_free_result(fn)
+        if free is NEEDS_DOCUMENT:
+            call.free[cid] = True
+            return None
+        found = call.resolved[cid] = self._encoder.digest(free, media=True)
+        return found
 
     def _resolved_at(self, fn: Any, address: tuple[Any, Any, Any], call: Call, cid: Any, has_doc: bool = False) -> bytes | None:
         """What ``fn`` needing the document at ``address`` gives there, by the call's memo, the
@@ -643,30 +647,14 @@ def _callable_id(fn: Any) -> Any:
 _PENDING = object()  # (_visual) a callable that reads the document, not yet known for it
 
 
-def _visual(kb: KeyBuilder, fn: Any, address: tuple[str, str, int], call: Call) -> Any:
-    """What ``_resolved`` gives for ``fn`` at ``address`` when the call already knows it or
-    ``fn``'s result needs no document; ``_PENDING`` when it needs the document; None for the
-    general path."""
-    if fn is None:
-        return b"N"
-    if type(fn) is MethodType:
-        cid: Any = (id(fn.__self__), id(fn.__func__))
-    elif callable(fn):
-        cid = id(fn)
-    else:
-        return None
-    memo = call.resolved
-    found = memo.get(cid)
+def _visual(kb: KeyBuilder, fn: Any, cid: Any, address: tuple[str, str, int], call: Call) -> Any:
+    """What ``_resolved`` gives for ``fn`` at ``address`` when its result needs no document
+    or the call knows it already; ``_PENDING`` when it needs the document."""
+    found = kb._document_free(fn, cid, call)
     if found is None:
-        found = memo.get((cid, address))
+        found = call.resolved.get((cid, address))
         if found is None:
-            if call.free.get(cid) is True:
-                return _PENDING
-            free = document_free_result(fn)
-            if free is NEEDS_DOCUMENT:
-                call.free[cid] = True
-                return _PENDING
-            found = memo[cid] = kb._encoder.digest(free, media=True)
+            return _PENDING
     return found
 
 
@@ -675,14 +663,14 @@ class _Pending:
 
     __slots__ = ("address", "cid", "fn", "head", "idx", "sampled")
 
-    def __init__(self, head: tuple[bytes, ...], fn: Any, address: tuple[str, str, int], idx: int,
+    def __init__(self, head: tuple[bytes, ...], fn: Any, cid: Any, address: tuple[str, str, int], idx: int,
                  sampled: bool) -> None:  # fmt: skip
         self.head = head
         self.fn = fn
+        self.cid = cid
         self.address = address
         self.idx = idx
         self.sampled = sampled
-        self.cid: Any = None
 
 
 def _finish(kb: KeyBuilder, head: tuple[bytes, ...], visual: bytes, address: tuple[str, str, int], idx: int,
@@ -694,8 +682,7 @@ def _finish(kb: KeyBuilder, head: tuple[bytes, ...], visual: bytes, address: tup
     task, split, doc_id = address
     t, s = task.encode("utf-8", "surrogatepass"), split.encode("utf-8", "surrogatepass")
     located = b"address=l4:s%d:%ss%d:%si%d;i%d;" % (len(t), t, len(s), s, doc_id, idx)
-    found = call.documents.get(address)
-    d = (found if found is not None else kb._document_at(task, split, doc_id, call))[0]
+    d = kb._document_at(task, split, doc_id, call)[0]
     if d is None:
         d = b"?"
     material = b"".join((prefix, label, context, label2, second, b"visual=", visual, located, b"doc=", d))
@@ -725,11 +712,17 @@ def _fast(kb: KeyBuilder, prefix: bytes, request: Any, call: Call, loglikelihood
     repeats = meta.get("repeats", 1)
     if type(repeats) is not int:
         return None
+    if fn is None:
+        cid: Any = None
+    elif type(fn) is MethodType:
+        cid = (id(fn.__self__), id(fn.__func__))  # (_callable_id, inlined: once per request)
+    elif callable(fn):
+        cid = id(fn)
+    else:
+        return None
     address = (task, split, doc_id)
     try:
-        visual = _visual(kb, fn, address, call)
-        if visual is None:
-            return None
+        visual = b"N" if fn is None else _visual(kb, fn, cid, address, call)
         text = context.encode("utf-8", "surrogatepass")
         if loglikelihood:
             target = args[1].encode("utf-8", "surrogatepass")  # (args: mypy narrows second to str | dict)
@@ -742,7 +735,7 @@ def _fast(kb: KeyBuilder, prefix: bytes, request: Any, call: Call, loglikelihood
         if sampled is None:
             sampled = samples or (repeats or 1) > 1
         if visual is _PENDING:
-            return _Pending(head, fn, address, idx, sampled)
+            return _Pending(head, fn, cid, address, idx, sampled)
         return _finish(kb, head, visual, address, idx, sampled, call)
     except Exception:  # the general path meets it again and says what it is
         return None
